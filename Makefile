@@ -1,0 +1,37 @@
+# Caplance: `make demo` and `make test` each do all set-up on a fresh Debian machine (as root).
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+DEBIAN_PACKAGES := iproute2 nftables iptables ethtool procps kmod gcc python3-dev python3-venv
+
+.PHONY: demo test setup debian-packages lint clean
+
+demo: setup
+	$(VENV)/bin/python examples/simple_vip.py
+
+test: setup
+	$(VENV)/bin/python -m pytest
+
+setup: debian-packages $(STAMP)
+
+# Install the Debian packages only when a tool is missing (so it runs offline once set up).
+debian-packages:
+	@if ! command -v ip >/dev/null || ! command -v nft >/dev/null || ! command -v iptables >/dev/null \
+	    || ! command -v ethtool >/dev/null || ! command -v gcc >/dev/null \
+	    || ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then \
+	  echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES); \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test,bench,dev]'
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/mypy caplance
+	$(VENV)/bin/ruff check caplance tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info site

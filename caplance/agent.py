@@ -1,0 +1,152 @@
+"""The backend agent's data path: receive encapsulated packets, check them, inject them.
+
+The agent puts each VIP on ``lo`` and sets ``arp_ignore=1`` / ``arp_announce=2`` so this host
+never answers ARP for a VIP (or clients would bypass the balancer). The inner packets it
+injects are addressed to the VIP, so the local stack takes them as its own, and the replies
+go from the VIP straight to the client: direct server return.
+
+Injection methods:
+
+* ``raw`` -- an ``IPPROTO_RAW`` socket per VIP, ``send(inner)``. The packet enters the
+  stack as locally generated, loops back through ``lo`` and works with strict ``rp_filter``.
+* ``tun`` -- written to a TUN device, the packet arrives as if from the wire on that device.
+  Strict ``rp_filter`` drops it (the client is not routed via the TUN), so the agent sets
+  loose mode (``rp_filter=2``) on the device.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+from caplance import plugins
+from caplance.config import AgentConfig
+from caplance.errors import MalformedPacket, PluginError
+from caplance.interfaces import Transport
+from caplance.netops import NetOps
+from caplance.packet import destination, flow_key
+from caplance.sockets import family_of, open_socket, pump
+
+__all__ = ["Agent", "AgentStats"]
+
+log = logging.getLogger(__name__)
+
+BATCH = 256
+_IPPROTO_RAW = 255
+
+
+@attrs.define
+class AgentStats:
+    received: int = 0
+    injected: int = 0
+    dropped: collections.Counter[str] = attrs.field(factory=collections.Counter)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"received": self.received, "injected": self.injected, "dropped": dict(self.dropped)}
+
+
+class Agent:
+    """The data path of one backend. ``await nursery.start(agent.run)`` returns once the VIPs
+    are on ``lo`` and the receiver is bound; :meth:`stop` ends it and undoes every change."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.stats = AgentStats()
+        self._stop = trio.Event()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return. Idempotent."""
+        self._stop.set()
+
+    def _transport(self) -> Transport:
+        spec = self.config.transport
+        factory = plugins.load(plugins.TRANSPORTS, spec.name)
+        options = dict(spec.options)
+        if self.config.balancers:
+            options["allowed_sources"] = frozenset(str(b) for b in self.config.balancers)
+        try:
+            transport: Transport = factory(**options)
+        except (TypeError, ValueError) as exc:
+            raise PluginError(plugins.TRANSPORTS, spec.name, str(exc)) from exc
+        return transport
+
+    def _open_injectors(self, netops: NetOps) -> dict[bytes, Callable[[bytes], object]]:
+        """One injection callable per VIP (keyed by the packed address)."""
+        targets: dict[bytes, Callable[[bytes], object]] = {}
+        if self.config.inject == "tun":
+            fd = netops.create_tun(self.config.tun_device, mtu=65535)
+            netops.set_sysctl(f"net.ipv4.conf.{self.config.tun_device}.rp_filter", "2")
+            write = functools.partial(os.write, fd)
+            return {vip.packed: write for vip in self.config.vips}
+        for vip in self.config.vips:
+            sock = open_socket(
+                family_of(vip), socket.SOCK_RAW, _IPPROTO_RAW, what=f"raw injection socket for {vip}",
+                connect=(str(vip), 0),
+            )
+            netops.push_undo(f"close injection socket for {vip}", sock.close)
+            targets[vip.packed] = sock.send
+        return targets
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Set up VIPs, sysctls and sockets; inject until :meth:`stop`; undo everything."""
+        netops = NetOps()
+        try:
+            netops.set_sysctl("net.ipv4.conf.all.arp_ignore", "1")
+            netops.set_sysctl("net.ipv4.conf.all.arp_announce", "2")
+            for vip in self.config.vips:
+                netops.add_address(vip, self.config.vip_interface)
+            targets = self._open_injectors(netops)
+            source = self._transport().open_receiver(self.config.data_address, netops)
+            log.info("agent ready", extra={"agent": self.config.name,
+                                           "vips": [str(v) for v in self.config.vips]})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, source, functools.partial(self._drain, targets),
+                                   self._receive_error)
+                task_status.started()
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            problems = netops.undo_all()
+            log.info("agent stopped", extra={"agent": self.config.name, "cleanup_problems": problems})
+
+    def _receive_error(self, exc: OSError) -> None:
+        self.stats.dropped["receive_error"] += 1
+        log.warning("agent receive failed", extra={"error": str(exc)})
+
+    def _drain(self, targets: dict[bytes, Callable[[bytes], object]],
+               receive: Callable[[], bytes]) -> bool:
+        stats = self.stats
+        dropped = stats.dropped
+        for _ in range(BATCH):
+            try:
+                inner = receive()
+            except BlockingIOError:
+                return True
+            stats.received += 1
+            try:
+                key = flow_key(inner)
+            except MalformedPacket as exc:
+                dropped["malformed_" + exc.reason] += 1
+                continue
+            inject = targets.get(destination(key))
+            if inject is None:
+                dropped["not_our_vip"] += 1
+                continue
+            try:
+                inject(inner)
+            except BlockingIOError:
+                dropped["inject_busy"] += 1
+                continue
+            except OSError:
+                dropped["inject_error"] += 1
+                continue
+            stats.injected += 1
+        return False

@@ -1,0 +1,166 @@
+"""Network namespaces for a lab: a switch, a client, a balancer and N backends.
+
+Layout (every name carries the lab's unique tag, so two labs never collide)::
+
+    client 10.77.0.10 ──┐
+    lb     10.77.0.2  ──┼── br0 (in namespace <tag>-sw)
+    beK    10.77.0.1K ──┘
+
+IPv6: fd77::10, fd77::2, fd77::1K on the same link. The client routes the VIPs
+(10.99.0.1, fd99::1) via the balancer. The client's link has MTU ``client_mtu``; the
+balancer's and backends' links have ``backend_mtu`` (headroom for encapsulation).
+
+The lab uses the ``ip`` command (iproute2); it is test scaffolding, not the balancer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import attrs
+
+__all__ = ["Lab", "LabHost", "VIP4", "VIP6"]
+
+VIP4 = ipaddress.IPv4Address("10.99.0.1")
+VIP6 = ipaddress.IPv6Address("fd99::1")
+
+
+@attrs.frozen
+class LabHost:
+    role: str
+    netns: str
+    ipv4: ipaddress.IPv4Address
+    ipv6: ipaddress.IPv6Address
+    mtu: int
+
+
+def _run(argv: Sequence[str], *, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(list(argv), capture_output=True, text=True, input=input, timeout=30, check=False)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done
+
+
+class Lab:
+    """Create with ``with Lab(backends=3) as lab:``; everything is removed on exit."""
+
+    def __init__(self, *, backends: int = 3, client_mtu: int = 1500, backend_mtu: int = 1600,
+                 client_offloads: bool = True, tag: str | None = None) -> None:
+        self.tag = tag or "cl" + secrets.token_hex(3)
+        self.switch = f"{self.tag}-sw"
+        self.client_offloads = client_offloads
+        self.hosts: dict[str, LabHost] = {}
+        plan = [("client", 10, client_mtu), ("lb", 2, backend_mtu)]
+        plan += [(f"be{k}", 10 + k, backend_mtu) for k in range(1, backends + 1)]
+        for role, number, mtu in plan:
+            self.hosts[role] = LabHost(
+                role=role, netns=f"{self.tag}-{role}",
+                ipv4=ipaddress.IPv4Address(f"10.77.0.{number}"),
+                ipv6=ipaddress.IPv6Address(f"fd77::{number}"), mtu=mtu,
+            )
+        self._created: list[str] = []
+        self._processes: list[subprocess.Popen[Any]] = []
+
+    @property
+    def backends(self) -> list[LabHost]:
+        return [host for role, host in self.hosts.items() if role.startswith("be")]
+
+    def __enter__(self) -> Lab:
+        try:
+            self.create()
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.destroy()
+
+    def create(self) -> None:
+        self._add_netns(self.switch)
+        sw = ["ip", "-n", self.switch]
+        _run(sw + ["link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])
+        _run(sw + ["link", "set", "br0", "up"])
+        for host in self.hosts.values():
+            self._add_netns(host.netns)
+            ns = ["ip", "-n", host.netns]
+            _run(sw + ["link", "add", host.role, "mtu", str(host.mtu), "type", "veth",
+                       "peer", "name", "eth0", "mtu", str(host.mtu), "netns", host.netns])
+            _run(sw + ["link", "set", host.role, "master", "br0", "up"])
+            self.sysctl(host.role, "net.ipv6.conf.all.accept_dad", "0")
+            self.sysctl(host.role, "net.ipv6.conf.default.accept_dad", "0")
+            self.sysctl(host.role, "net.ipv6.conf.eth0.accept_dad", "0")
+            _run(ns + ["link", "set", "lo", "up"])
+            _run(ns + ["link", "set", "eth0", "up"])
+            _run(ns + ["addr", "add", f"{host.ipv4}/24", "dev", "eth0"])
+            _run(ns + ["-6", "addr", "add", f"{host.ipv6}/64", "dev", "eth0", "nodad"])
+        client, lb = self.hosts["client"], self.hosts["lb"]
+        _run(["ip", "-n", client.netns, "route", "add", f"{VIP4}/32", "via", str(lb.ipv4)])
+        _run(["ip", "-n", client.netns, "-6", "route", "add", f"{VIP6}/128", "via", str(lb.ipv6)])
+        if not self.client_offloads:
+            self.run("client", "ethtool", "-K", "eth0", "tso", "off", "gso", "off", "tx", "off")
+
+    def _add_netns(self, name: str) -> None:
+        _run(["ip", "netns", "add", name])
+        self._created.append(name)
+
+    def destroy(self) -> None:
+        """Stop every process in the lab's namespaces and delete them. Never raises."""
+        for process in self._processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for process in self._processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for name in reversed(self._created):
+            pids = _run(["ip", "netns", "pids", name], check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            _run(["ip", "netns", "del", name], check=False)
+        self._created.clear()
+
+    # -- running things in hosts ---------------------------------------------------------
+
+    def command(self, role: str, *argv: str) -> list[str]:
+        """``argv`` wrapped to run inside host ``role``'s namespace."""
+        return ["ip", "netns", "exec", self.hosts[role].netns, *argv]
+
+    def run(self, role: str, *argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return _run(self.command(role, *argv), check=check, input=input)
+
+    def spawn(self, role: str, *argv: str, **popen: Any) -> subprocess.Popen[Any]:
+        """Start ``argv`` in host ``role``; the lab stops it (SIGTERM, then SIGKILL) on exit."""
+        process = subprocess.Popen(self.command(role, *argv), **popen)
+        self._processes.append(process)
+        return process
+
+    def sysctl(self, role: str, name: str, value: str) -> None:
+        self.run(role, "sysctl", "-q", "-w", f"{name}={value}")
+
+    def listing(self, role: str) -> str:
+        """Links, addresses, routes (v4 and v6) and the nftables ruleset of a host, for
+        comparing before and after."""
+        parts = [
+            self.run(role, "ip", "-o", "link", "show").stdout,
+            self.run(role, "ip", "-o", "addr", "show").stdout,
+            self.run(role, "ip", "route", "show", "table", "all").stdout,
+            self.run(role, "ip", "-6", "route", "show", "table", "all").stdout,
+            self.run(role, "nft", "list", "ruleset").stdout,
+        ]
+        return "\n".join(parts)

@@ -1,0 +1,79 @@
+"""The ``raw`` listener: raw IP sockets, the original Go Caplance's ``IPConn`` way.
+
+The VIP is a local address (on ``lo`` by default), so the kernel hands a copy of every TCP,
+UDP and ICMP packet for it to our raw sockets (a BPF filter keeps other destinations out of
+user space). The kernel also answers those packets itself, with a RST (TCP) or an ICMP port
+unreachable (UDP): an nftables OUTPUT chain of our own drops every RST and every ICMP the
+balancer would send from a VIP. Dropping on INPUT would hide the packets from the raw socket
+as well. IPv4 only: IPv6 raw sockets do not show the IPv6 header.
+
+A sender on the same host or behind a veth may leave TCP/UDP checksums partial (offload);
+the raw socket shows the bytes as they are, so partial checksums are completed here.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+
+from caplance.bpf import vip_filter
+from caplance.errors import CaplanceError
+from caplance.netops import IPAddress, NetOps
+from caplance.packet import complete_checksum, has_partial_checksum
+from caplance.sockets import SocketSource, attach_filter, open_socket
+
+__all__ = ["RawListener"]
+
+_PROTOCOLS = (socket.IPPROTO_TCP, socket.IPPROTO_UDP, socket.IPPROTO_ICMP)
+_CHECKSUM_FIELD = {socket.IPPROTO_TCP: 16, socket.IPPROTO_UDP: 6}
+
+
+class RawSource(SocketSource):
+    """Packets from one raw IP socket, with offloaded checksums completed."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        recv = sock.recv
+
+        def receive_nowait() -> bytes:
+            packet = recv(65535)
+            if has_partial_checksum(packet):
+                fixed = bytearray(packet)
+                l4 = (packet[0] & 0x0F) * 4
+                complete_checksum(fixed, l4, _CHECKSUM_FIELD[packet[9]])
+                return bytes(fixed)
+            return packet
+
+        self.receive_nowait = receive_nowait
+
+
+class RawListener:
+    """Listener ``raw``: VIPs on ``interface`` (default ``lo``), raw TCP/UDP/ICMP sockets."""
+
+    name = "raw"
+
+    def __init__(self, *, interface: str = "lo") -> None:
+        self.interface = interface
+
+    def open(self, vips: Sequence[IPAddress], netops: NetOps) -> list[RawSource]:
+        if any(vip.version != 4 for vip in vips):
+            raise CaplanceError(
+                "the raw listener handles IPv4 VIPs only (IPv6 raw sockets hide the IP header);"
+                " use listener 'tun' or 'packet' for IPv6 VIPs"
+            )
+        vip_set = "{ " + ", ".join(str(vip) for vip in vips) + " }"
+        netops.add_nft_chain("output", "output", [
+            f"ip saddr {vip_set} tcp flags rst drop",
+            f"ip saddr {vip_set} meta l4proto icmp drop",
+        ])
+        program = vip_filter(vips, link_level=False)
+        sources = []
+        for proto in _PROTOCOLS:
+            sock = open_socket(socket.AF_INET, socket.SOCK_RAW, proto, what="raw IP listener socket")
+            netops.push_undo(f"close raw socket (protocol {proto})", sock.close)
+            attach_filter(sock, program)
+            sources.append(RawSource(sock))
+        # Addresses last: no packet reaches the VIP before the RST-dropping rules exist.
+        for vip in vips:
+            netops.add_address(vip, self.interface)
+        return sources

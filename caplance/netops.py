@@ -1,0 +1,248 @@
+"""Changes to the host's network, each one recorded so that it can be undone.
+
+Addresses, routes, sysctls, nftables tables and TUN devices all go through :class:`NetOps`,
+the one place that talks netlink (pyroute2). Every change that succeeds pushes its undo onto
+a stack; :meth:`NetOps.undo_all` runs the stack in reverse order. Something that was already
+there before we started (an address the operator put on ``lo`` themselves) is left alone on
+undo: we only remove what we made.
+
+nftables rules are applied with the ``nft`` command in a table of our own (one table per
+:class:`NetOps`), so removing them is deleting that table. pyroute2's nftables support is too
+thin to build rules with; the ``nft`` tool ships with Debian's ``nftables`` package.
+
+All calls here are synchronous and bounded (netlink answers at once; ``nft`` runs with a
+timeout), so undo can run from a ``finally`` block even after cancellation.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from caplance.errors import NetOpsError
+
+__all__ = ["NetOps", "IPAddress", "read_sysctl", "read_link_type"]
+
+log = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_NFT_TIMEOUT = 10.0
+
+
+def read_sysctl(name: str) -> str:
+    """Read ``net.ipv4.ip_forward``-style sysctls of the current network namespace."""
+    path = "/proc/sys/" + name.replace(".", "/")
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError as exc:
+        raise NetOpsError("read sysctl", name, exc.strerror or str(exc)) from exc
+
+
+def read_link_type(ifname: str) -> int:
+    """The ARPHRD link type of an interface (1 = Ethernet), from sysfs."""
+    try:
+        with open(f"/sys/class/net/{ifname}/type") as handle:
+            return int(handle.read())
+    except (OSError, ValueError) as exc:
+        raise NetOpsError("read link type of", ifname, "no such interface") from exc
+
+
+def _prefixlen(address: IPAddress) -> int:
+    return 32 if address.version == 4 else 128
+
+
+class NetOps:
+    """A log of network changes we made, undone in reverse by :meth:`undo_all`."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[str, Callable[[], None]]] = []
+        self._ipr: IPRoute | None = None
+        self.nft_table = f"caplance_{os.getpid()}_{secrets.token_hex(3)}"
+        self._nft_table_made = False
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    @property
+    def ipr(self) -> IPRoute:
+        if self._ipr is None:
+            self._ipr = IPRoute()
+        return self._ipr
+
+    def push_undo(self, description: str, action: Callable[[], None]) -> None:
+        """Record an undo step (for resources made outside this module, such as sockets)."""
+        self._undo.append((description, action))
+
+    def undo_all(self) -> list[str]:
+        """Undo every recorded change, newest first. Returns the problems met (also logged).
+
+        Never raises: one failed step does not keep the others from running.
+        """
+        problems = []
+        while self._undo:
+            description, action = self._undo.pop()
+            try:
+                action()
+            except Exception as exc:  # noqa: BLE001 - keep undoing, report every failure
+                problems.append(f"{description}: {exc}")
+                log.warning("cleanup step failed", extra={"step": description, "error": str(exc)})
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+        return problems
+
+    def ifindex(self, ifname: str) -> int:
+        found = self.ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise NetOpsError("find interface", ifname, "no such interface")
+        return int(found[0])
+
+    # -- addresses and routes ------------------------------------------------------------
+
+    def add_address(self, address: IPAddress, ifname: str) -> None:
+        """Put ``address`` (host prefix) on ``ifname``; undo removes it if we added it."""
+        index = self.ifindex(ifname)
+        prefix = _prefixlen(address)
+        try:
+            self.ipr.addr("add", index=index, address=str(address), prefixlen=prefix)
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST:
+                log.info("address already present, leaving it", extra={"address": str(address)})
+                return
+            raise NetOpsError("add address", f"{address} on {ifname}", str(exc)) from exc
+        self.push_undo(
+            f"remove address {address} from {ifname}",
+            lambda: self._quiet_netlink(
+                self.ipr.addr, "del", index=index, address=str(address), prefixlen=prefix
+            ),
+        )
+
+    def add_route(self, address: IPAddress, *, ifname: str | None = None) -> None:
+        """Route ``address`` (host prefix) into ``ifname``, or blackhole it when ifname is None."""
+        spec: dict[str, Any] = {"dst": f"{address}/{_prefixlen(address)}"}
+        if ifname is None:
+            spec["type"] = "blackhole"
+        else:
+            spec["oif"] = self.ifindex(ifname)
+        target = f"{spec['dst']} {'blackhole' if ifname is None else 'dev ' + ifname}"
+        try:
+            self.ipr.route("add", **spec)
+        except NetlinkError as exc:
+            hint = "another route for this address exists; remove it" if exc.code == errno.EEXIST else ""
+            raise NetOpsError("add route", target, str(exc), hint) from exc
+        self.push_undo(f"remove route {target}", lambda: self._quiet_netlink(self.ipr.route, "del", **spec))
+
+    def set_link(self, ifname: str, *, up: bool | None = None, mtu: int | None = None) -> None:
+        """Set a link's state or MTU (on devices we created; not undone separately)."""
+        spec: dict[str, Any] = {}
+        if up is not None:
+            spec["state"] = "up" if up else "down"
+        if mtu is not None:
+            spec["mtu"] = mtu
+        try:
+            self.ipr.link("set", index=self.ifindex(ifname), **spec)
+        except NetlinkError as exc:
+            raise NetOpsError("configure link", ifname, str(exc)) from exc
+
+    def _quiet_netlink(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run a netlink removal; 'already gone' is success."""
+        try:
+            call(*args, **kwargs)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENODEV):
+                raise
+
+    # -- sysctls -------------------------------------------------------------------------
+
+    def set_sysctl(self, name: str, value: str) -> None:
+        """Set a sysctl of this network namespace; undo restores the previous value."""
+        previous = read_sysctl(name)
+        if previous == value:
+            return
+        self._write_sysctl(name, value)
+        self.push_undo(f"restore sysctl {name}={previous}", lambda: self._write_sysctl(name, previous))
+
+    @staticmethod
+    def _write_sysctl(name: str, value: str) -> None:
+        path = "/proc/sys/" + name.replace(".", "/")
+        try:
+            with open(path, "w") as handle:
+                handle.write(value)
+        except OSError as exc:
+            raise NetOpsError(
+                "set sysctl", f"{name}={value}", exc.strerror or str(exc), "run as root"
+            ) from exc
+
+    # -- nftables ------------------------------------------------------------------------
+
+    def add_nft_chain(self, chain: str, hook: str, rules: Iterable[str], *, priority: int = 0) -> None:
+        """Add a base chain with ``rules`` to our own ``inet`` table (created on first use).
+
+        Undo deletes the whole table, taking every chain and rule with it.
+        """
+        if shutil.which("nft") is None:
+            raise NetOpsError(
+                "add nftables rules", self.nft_table, "the nft command is not installed",
+                "install Debian's nftables package",
+            )
+        lines = []
+        if not self._nft_table_made:
+            lines.append(f"add table inet {self.nft_table}")
+        lines.append(
+            f"add chain inet {self.nft_table} {chain} "
+            f"{{ type filter hook {hook} priority {priority}; policy accept; }}"
+        )
+        lines += [f"add rule inet {self.nft_table} {chain} {rule}" for rule in rules]
+        self._nft("\n".join(lines) + "\n", f"add chain {chain} to nftables table {self.nft_table}")
+        if not self._nft_table_made:
+            self._nft_table_made = True
+            self.push_undo(
+                f"delete nftables table {self.nft_table}",
+                lambda: self._nft(f"delete table inet {self.nft_table}\n", "delete table"),
+            )
+
+    def _nft(self, script: str, what: str) -> None:
+        try:
+            done = subprocess.run(
+                ["nft", "-f", "-"], input=script, capture_output=True, text=True,
+                timeout=_NFT_TIMEOUT, check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise NetOpsError(what, self.nft_table, str(exc)) from exc
+        if done.returncode != 0:
+            raise NetOpsError(what, self.nft_table, done.stderr.strip() or f"nft exit {done.returncode}")
+
+    # -- TUN devices ---------------------------------------------------------------------
+
+    def create_tun(self, name: str, *, mtu: int = 65535) -> int:
+        """Create TUN device ``name`` (no packet info header), bring it up, return its fd.
+
+        The fd is non-blocking. The device lives as long as the fd: undo closes it, and the
+        kernel removes the device. Raises :class:`NetOpsError` if the name is taken.
+        """
+        from pytun import Error as TunError
+        from pytun import TunTapDevice, IFF_NO_PI, IFF_TUN  # noqa: I001
+
+        if self.ipr.link_lookup(ifname=name):
+            raise NetOpsError("create TUN device", name, "an interface of that name exists",
+                              "pick another name or remove it")
+        try:
+            device = TunTapDevice(name=name, flags=IFF_TUN | IFF_NO_PI)
+        except TunError as exc:
+            raise NetOpsError("create TUN device", name, str(exc), "needs root and /dev/net/tun") from exc
+        self.push_undo(f"remove TUN device {name}", device.close)
+        self.set_link(name, up=True, mtu=mtu)
+        fd = int(device.fileno())
+        os.set_blocking(fd, False)
+        return fd
