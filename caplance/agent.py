@@ -10,8 +10,11 @@ Injection methods:
 * ``raw`` -- an ``IPPROTO_RAW`` socket per VIP, ``send(inner)``. The packet enters the
   stack as locally generated, loops back through ``lo`` and works with strict ``rp_filter``.
 * ``tun`` -- written to a TUN device, the packet arrives as if from the wire on that device.
-  Strict ``rp_filter`` drops it (the client is not routed via the TUN), so the agent sets
-  loose mode (``rp_filter=2``) on the device.
+  Strict ``rp_filter`` drops it (the client is not routed via the TUN), and so does loose
+  mode on a device without an IPv4 address (the kernel's ``fib_validate_source``). The agent
+  therefore gives the device an address (``tun_address``, link-local by default) and sets
+  loose mode (``rp_filter=2``) on it; the effective value is the larger of ``all`` and the
+  device's, so it works whatever ``all`` is.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class Agent:
         targets: dict[bytes, Callable[[bytes], object]] = {}
         if self.config.inject == "tun":
             fd = netops.create_tun(self.config.tun_device, mtu=65535)
+            netops.add_address(self.config.tun_address, self.config.tun_device)
             netops.set_sysctl(f"net.ipv4.conf.{self.config.tun_device}.rp_filter", "2")
             write = functools.partial(os.write, fd)
             return {vip.packed: write for vip in self.config.vips}

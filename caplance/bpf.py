@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from caplance.netops import IPAddress
+from caplance.packet import IPAddress
 
 __all__ = ["vip_filter"]
 

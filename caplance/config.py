@@ -18,6 +18,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from caplance.errors import ConfigError
+from caplance.packet import IPAddress
 
 __all__ = [
     "IPAddress",
@@ -33,8 +34,22 @@ __all__ = [
     "load_agent_config",
 ]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 T = TypeVar("T")
+
+
+def to_ip(value: object) -> IPAddress:
+    """An address from a string (or an address, unchanged). Raises ``ValueError``."""
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected an IP address string, got {value!r}")
+    return ipaddress.ip_address(value)
+
+
+def _ip_tuple(values: object) -> tuple[IPAddress, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"expected a list of IP addresses, got {values!r}")
+    return tuple(to_ip(value) for value in values)
 
 
 def _port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
@@ -75,7 +90,7 @@ class BackendConfig:
     """A backend of a VIP: where its agent listens and how to reach it."""
 
     name: str = attrs.field(validator=_non_empty)
-    address: IPAddress
+    address: IPAddress = attrs.field(converter=to_ip)
     weight: int = attrs.field(default=1, validator=_non_negative)
     transport: PluginConfig = attrs.field(factory=lambda: PluginConfig(name="udp"))
 
@@ -88,7 +103,7 @@ class VipConfig:
     the VIP (echo, and errors about its flows) is always taken.
     """
 
-    address: IPAddress
+    address: IPAddress = attrs.field(converter=to_ip)
     protocol: Literal["tcp", "udp", "any"] = "tcp"
     ports: tuple[int, ...] = attrs.field(default=(), validator=attrs.validators.deep_iterable(_port))
     selector: PluginConfig = attrs.field(factory=lambda: PluginConfig(name="maglev"))
@@ -131,23 +146,23 @@ class AgentConfig:
     ``balancers``: the only sources it accepts encapsulated packets from (empty: any, which
     lets anyone who can reach the data port put packets into this host's stack).
     ``inject``: ``raw`` (an IPPROTO_RAW socket; works with strict rp_filter) or ``tun``
-    (a TUN device; the agent sets loose rp_filter on it).
+    (a TUN device ``tun_device`` with address ``tun_address``; the agent sets loose
+    rp_filter on it).
     """
 
     name: str = attrs.field(validator=_non_empty)
-    vips: tuple[IPAddress, ...] = attrs.field(validator=_non_empty)
-    data_address: IPAddress = ipaddress.IPv4Address("0.0.0.0")
+    vips: tuple[IPAddress, ...] = attrs.field(converter=_ip_tuple, validator=_non_empty)
+    data_address: IPAddress = attrs.field(default=ipaddress.IPv4Address("0.0.0.0"), converter=to_ip)
     transport: PluginConfig = attrs.field(factory=lambda: PluginConfig(name="udp"))
-    balancers: tuple[IPAddress, ...] = ()
+    balancers: tuple[IPAddress, ...] = attrs.field(default=(), converter=_ip_tuple)
     inject: Literal["raw", "tun"] = "raw"
     vip_interface: str = attrs.field(default="lo", validator=_ifname)
     tun_device: str = attrs.field(default="caplance-in", validator=_ifname)
+    tun_address: IPAddress = attrs.field(default=ipaddress.IPv4Address("169.254.253.1"), converter=to_ip)
 
 
 def _structure_ip(value: Any, _: Any) -> IPAddress:
-    if not isinstance(value, str):
-        raise ValueError(f"expected an IP address string, got {value!r}")
-    return ipaddress.ip_address(value)
+    return to_ip(value)
 
 
 converter = cattrs.Converter(forbid_extra_keys=True)

@@ -17,7 +17,6 @@ timeout), so undo can run from a ``finally`` block even after cancellation.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import os
 import secrets
@@ -30,12 +29,11 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from caplance.errors import NetOpsError
+from caplance.packet import IPAddress
 
 __all__ = ["NetOps", "IPAddress", "read_sysctl", "read_link_type"]
 
 log = logging.getLogger(__name__)
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _NFT_TIMEOUT = 10.0
 

@@ -36,6 +36,7 @@ from caplance.errors import MalformedPacket
 
 __all__ = [
     "Flow",
+    "IPAddress",
     "MalformedPacket",
     "flow_key",
     "parse_flow",
@@ -70,6 +71,9 @@ _IPV6_AH = 51
 _IPV6_FRAGMENT = 44
 _IPV6_MAX_EXT = 8  # more extension headers than this is treated as hostile
 
+#: An IPv4 or IPv6 address.
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 _NO_PORTS = b"\x00\x00\x00\x00"
 _PROTO_BYTES = [bytes((p,)) for p in range(256)]
 
@@ -78,8 +82,8 @@ _PROTO_BYTES = [bytes((p,)) for p in range(256)]
 class Flow:
     """A decoded flow key: addresses, protocol and ports (0 where the protocol has none)."""
 
-    src: ipaddress.IPv4Address | ipaddress.IPv6Address
-    dst: ipaddress.IPv4Address | ipaddress.IPv6Address
+    src: IPAddress
+    dst: IPAddress
     protocol: int
     src_port: int
     dst_port: int

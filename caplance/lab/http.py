@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-__all__ = ["serve_name", "fetch_many", "FetchResult"]
+__all__ = ["serve_name", "fetch_many", "FetchResult", "Attempt", "format_served"]
 
 _MAX_REQUEST = 8192
 
@@ -40,48 +40,69 @@ async def serve_name(name: str, *, port: int = 80,
 
 
 @attrs.frozen
+class Attempt:
+    """One request: the client's source port, who answered (None on failure), the error."""
+
+    source_port: int
+    served_by: str | None
+    error: str | None = None
+
+
+@attrs.frozen
 class FetchResult:
-    served: dict[str, int]
-    failures: list[str]
+    attempts: list[Attempt]
 
     @property
-    def total(self) -> int:
-        return sum(self.served.values()) + len(self.failures)
+    def served(self) -> dict[str, int]:
+        return dict(collections.Counter(a.served_by for a in self.attempts if a.served_by))
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"port {a.source_port}: {a.error}" for a in self.attempts if a.served_by is None]
 
 
-async def _fetch_once(host: str, port: int, timeout: float) -> str:
-    with trio.fail_after(timeout):
-        stream = await trio.open_tcp_stream(host, port)
-        async with stream:
-            await stream.send_all(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-            reply = b""
-            while chunk := await stream.receive_some(4096):
-                reply += chunk
+async def _fetch_once(host: str, port: int, timeout: float) -> Attempt:
+    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    source_port = 0
+    try:
+        with trio.fail_after(timeout):
+            # Bind first, so the source port is known even if the connection never opens.
+            await sock.bind(("::" if family == trio.socket.AF_INET6 else "0.0.0.0", 0))
+            source_port = sock.getsockname()[1]
+            await sock.connect((host, port))
+            stream = trio.SocketStream(sock)
+            async with stream:
+                await stream.send_all(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+                reply = b""
+                while chunk := await stream.receive_some(4096):
+                    reply += chunk
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+        return Attempt(source_port, None, repr(exc))
+    finally:
+        sock.close()
     head, _, body = reply.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.0 200"):
-        raise ValueError(f"unexpected reply {head[:40]!r}")
-    return body.decode()
+        return Attempt(source_port, None, f"unexpected reply {head[:40]!r}")
+    return Attempt(source_port, body.decode(errors="replace"))
 
 
 async def fetch_many(host: str, *, count: int, port: int = 80, concurrency: int = 16,
                      timeout: float = 5.0) -> FetchResult:
     """Make ``count`` HTTP requests to ``host``, each on a new TCP connection (so each from a
-    new ephemeral source port), ``concurrency`` at a time. Counts bodies; records failures."""
-    served: collections.Counter[str] = collections.Counter()
-    failures: list[str] = []
+    new ephemeral source port), ``concurrency`` at a time. Never raises for a failed request:
+    each becomes an :class:`Attempt` with its error."""
+    attempts: list[Attempt] = []
     limit = trio.CapacityLimiter(concurrency)
 
-    async def one(index: int) -> None:
+    async def one() -> None:
         async with limit:
-            try:
-                served[await _fetch_once(host, port, timeout)] += 1
-            except (OSError, trio.TooSlowError, ValueError, trio.BrokenResourceError) as exc:
-                failures.append(f"request {index}: {exc!r}")
+            attempts.append(await _fetch_once(host, port, timeout))
 
     async with trio.open_nursery() as nursery:
-        for index in range(count):
-            nursery.start_soon(one, index)
-    return FetchResult(served=dict(served), failures=failures)
+        for _ in range(count):
+            nursery.start_soon(one)
+    return FetchResult(attempts)
 
 
 def format_served(served: dict[str, int], names: Sequence[str]) -> str:

@@ -125,6 +125,10 @@ class Lab:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+            for stream in (process.stdin, process.stdout, process.stderr):
+                if stream is not None:
+                    stream.close()
+        self._processes.clear()
         for name in reversed(self._created):
             pids = _run(["ip", "netns", "pids", name], check=False).stdout.split()
             for pid in pids:

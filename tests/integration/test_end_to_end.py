@@ -1,0 +1,162 @@
+"""HTTP through a VIP to three backends, in network namespaces, with real packets."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from caplance.lab import Lab
+from caplance.lab.netns import VIP4, VIP6
+from tests.integration.services import (
+    balancer_config,
+    expected_backend,
+    fetch,
+    start_backend,
+    start_balancer,
+    stop,
+)
+
+BACKENDS = ("be1", "be2", "be3")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_all(lab: Lab, listener: str, vips: tuple = (VIP4,)) -> list[subprocess.Popen[bytes]]:
+    processes = []
+    for name in BACKENDS:
+        processes += start_backend(lab, name, vips=vips)
+    processes.append(start_balancer(lab, balancer_config(lab, listener=listener, vips=vips)))
+    return processes
+
+
+@pytest.mark.parametrize("listener", ["tun", "raw", "packet"])
+def test_http_through_the_vip_reaches_the_backend_maglev_picks(lab: Lab, listener: str) -> None:
+    start_all(lab, listener)
+    result = fetch(lab, 150)
+    assert result["failures"] == []
+    assert set(result["served"]) == set(BACKENDS)
+    for attempt in result["attempts"]:
+        assert attempt["served_by"] == expected_backend(lab, BACKENDS, attempt["source_port"])
+
+
+@pytest.mark.parametrize("listener", ["tun", "packet"])
+def test_ipv6_vip(lab: Lab, listener: str) -> None:
+    start_all(lab, listener, vips=(VIP4, VIP6))
+    result = fetch(lab, 60, host=str(VIP6))
+    assert result["failures"] == []
+    assert set(result["served"]) == set(BACKENDS)
+    for attempt in result["attempts"]:
+        assert attempt["served_by"] == expected_backend(lab, BACKENDS, attempt["source_port"], vip=VIP6)
+
+
+def nft_counter(lab: Lab, role: str, name: str) -> int:
+    listing = lab.run(role, "nft", "list", "counter", "netdev", "dsr", name).stdout
+    return int(re.search(r"packets (\d+)", listing).group(1))  # type: ignore[union-attr]
+
+
+def count_on_ingress(lab: Lab, role: str, counters: dict[str, str]) -> None:
+    """Count packets arriving on ``role``'s eth0, before anything else sees them."""
+    rules = "".join(f"counter {name} {{}}\n" for name in counters)
+    rules += "chain in { type filter hook ingress device eth0 priority -500;\n"
+    rules += "".join(f"{match} counter name {name}\n" for name, match in counters.items())
+    lab.run(role, "nft", "-f", "-", input=f"table netdev dsr {{\n{rules}}}\n}}\n")
+
+
+def test_direct_server_return_replies_never_touch_the_balancer(lab: Lab) -> None:
+    lb_mac = lab.run("lb", "cat", "/sys/class/net/eth0/address").stdout.strip()
+    count_on_ingress(lab, "lb", {"from_vip": f"ip saddr {VIP4}", "to_vip": f"ip daddr {VIP4}"})
+    count_on_ingress(lab, "client", {
+        "via_lb": f"ether saddr {lb_mac} ip saddr {VIP4}",
+        "direct": f"ether saddr != {lb_mac} ip saddr {VIP4}",
+    })
+    start_all(lab, "tun")
+    result = fetch(lab, 60)
+    assert result["failures"] == []
+    assert nft_counter(lab, "lb", "to_vip") > 0  # requests do pass the balancer...
+    assert nft_counter(lab, "lb", "from_vip") == 0  # ...replies never do,
+    assert nft_counter(lab, "client", "via_lb") == 0
+    assert nft_counter(lab, "client", "direct") >= 60 * 3  # they come from the backends' MACs
+
+
+def test_a_stopped_backend_loses_only_its_own_flows(lab: Lab) -> None:
+    processes = start_all(lab, "tun")
+    be2_agent = processes[2]
+    be2_agent.kill()
+    be2_agent.wait()
+    result = fetch(lab, 150, timeout=2)
+    lost = [a for a in result["attempts"] if a["served_by"] is None]
+    kept = [a for a in result["attempts"] if a["served_by"] is not None]
+    assert lost and kept
+    for attempt in lost:
+        assert expected_backend(lab, BACKENDS, attempt["source_port"]) == "be2"
+    for attempt in kept:
+        assert attempt["served_by"] == expected_backend(lab, BACKENDS, attempt["source_port"])
+        assert attempt["served_by"] != "be2"
+
+
+@pytest.mark.parametrize("listener", ["tun", "raw", "packet"])
+def test_stop_leaves_nothing_behind(lab: Lab, listener: str) -> None:
+    before = {role: lab.listing(role) for role in ("lb", *BACKENDS)}
+    processes = start_all(lab, listener, vips=(VIP4,) if listener == "raw" else (VIP4, VIP6))
+    assert lab.listing("lb") != before["lb"]  # the balancer did change things...
+    assert fetch(lab, 30)["failures"] == []
+    stats = [stop(process) for process in reversed(processes)]
+    assert stats[0]["packets_in"] > 0
+    for role, listing in before.items():  # ...and put everything back
+        assert lab.listing(role) == listing, role
+
+
+def test_injection_through_tun_needs_loose_rp_filter(lab: Lab) -> None:
+    for role in BACKENDS:
+        lab.sysctl(role, "net.ipv4.conf.all.rp_filter", "1")
+    start_backend(lab, "be1", inject="tun")
+    start_backend(lab, "be2")  # raw injection: fine with strict rp_filter
+    start_backend(lab, "be3")
+    start_balancer(lab, balancer_config(lab))
+    first = fetch(lab, 60)
+    assert first["failures"] == []
+    assert set(first["served"]) == set(BACKENDS)
+    # The agent set rp_filter=2 (loose) on its TUN device; with strict mode be1's flows die.
+    lab.sysctl("be1", "net.ipv4.conf.caplance-in.rp_filter", "1")
+    second = fetch(lab, 60, timeout=1.5)
+    for attempt in second["attempts"]:
+        owner = expected_backend(lab, BACKENDS, attempt["source_port"])
+        assert (attempt["served_by"] is None) == (owner == "be1")
+
+
+def namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def test_demo_serves_every_request_and_cleans_up() -> None:
+    before = namespaces()
+    done = subprocess.run([sys.executable, str(ROOT / "examples/simple_vip.py"), "--requests", "300"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    counts = re.fullmatch(r"served: be1=(\d+) be2=(\d+) be3=(\d+)", last)
+    assert counts, last
+    assert sum(map(int, counts.groups())) == 300 and all(int(n) > 0 for n in counts.groups())
+    assert namespaces() == before
+
+
+def test_demo_cleans_up_on_ctrl_c() -> None:
+    before = namespaces()
+    demo = subprocess.Popen([sys.executable, str(ROOT / "examples/simple_vip.py"), "--requests", "200000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(namespaces() - before) < 6 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # the hosts' processes are up and traffic flows
+    import os
+
+    os.killpg(demo.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    _, err = demo.communicate(timeout=60)
+    assert demo.returncode != 0
+    assert namespaces() == before, err.decode()[-2000:]
