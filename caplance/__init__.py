@@ -8,9 +8,23 @@ client directly (direct server return).
 
 from caplance.agent import Agent
 from caplance.balancer import Balancer
-from caplance.config import AgentConfig, BackendConfig, BalancerConfig, ListenerConfig, PluginConfig, VipConfig
+from caplance.config import (
+    AgentConfig,
+    BackendConfig,
+    BalancerConfig,
+    ListenerConfig,
+    PluginConfig,
+    VipConfig,
+)
 from caplance.errors import CaplanceError, ConfigError, MalformedPacket, NetOpsError, PluginError
-from caplance.interfaces import Listener, PacketSender, PacketSource, Selector, SelectorFactory, Transport
+from caplance.interfaces import (
+    Listener,
+    PacketSender,
+    PacketSource,
+    Selector,
+    SelectorFactory,
+    Transport,
+)
 
 __all__ = [
     "Agent",

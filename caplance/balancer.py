@@ -16,7 +16,7 @@ import attrs
 import trio
 
 from caplance import plugins
-from caplance.config import BalancerConfig, BackendConfig, VipConfig
+from caplance.config import BackendConfig, BalancerConfig, VipConfig
 from caplance.errors import CaplanceError, MalformedPacket, PluginError
 from caplance.interfaces import Listener, PacketSender, Selector, Transport
 from caplance.listeners import make_listener

@@ -21,17 +21,17 @@ from caplance.errors import ConfigError
 from caplance.packet import IPAddress
 
 __all__ = [
-    "IPAddress",
-    "PluginConfig",
-    "BackendConfig",
-    "VipConfig",
-    "ListenerConfig",
-    "BalancerConfig",
     "AgentConfig",
+    "BackendConfig",
+    "BalancerConfig",
+    "IPAddress",
+    "ListenerConfig",
+    "PluginConfig",
+    "VipConfig",
     "converter",
-    "structure",
-    "load_balancer_config",
     "load_agent_config",
+    "load_balancer_config",
+    "structure",
 ]
 
 T = TypeVar("T")
@@ -198,7 +198,7 @@ def structure(data: Mapping[str, Any], cls: type[T]) -> T:
     """Build ``cls`` from plain data; raise :class:`ConfigError` listing every problem."""
     try:
         return converter.structure(data, cls)
-    except Exception as exc:  # noqa: BLE001 - every cattrs/attrs failure becomes a ConfigError
+    except Exception as exc:
         raise ConfigError(_problems(exc, "$")) from exc
 
 

@@ -31,7 +31,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from caplance.errors import NetOpsError
 from caplance.packet import IPAddress
 
-__all__ = ["NetOps", "IPAddress", "read_sysctl", "read_link_type"]
+__all__ = ["IPAddress", "NetOps", "read_link_type", "read_sysctl"]
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +229,8 @@ class NetOps:
         The fd is non-blocking. The device lives as long as the fd: undo closes it, and the
         kernel removes the device. Raises :class:`NetOpsError` if the name is taken.
         """
+        from pytun import IFF_NO_PI, IFF_TUN, TunTapDevice
         from pytun import Error as TunError
-        from pytun import TunTapDevice, IFF_NO_PI, IFF_TUN  # noqa: I001
 
         if self.ipr.link_lookup(ifname=name):
             raise NetOpsError("create TUN device", name, "an interface of that name exists",

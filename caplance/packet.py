@@ -35,17 +35,17 @@ import attrs
 from caplance.errors import MalformedPacket
 
 __all__ = [
+    "PORT_PROTOCOLS",
     "Flow",
     "IPAddress",
     "MalformedPacket",
-    "flow_key",
-    "parse_flow",
-    "internet_checksum",
     "complete_checksum",
-    "segment_tcp",
-    "is_new_tcp_flow",
     "destination",
-    "PORT_PROTOCOLS",
+    "flow_key",
+    "internet_checksum",
+    "is_new_tcp_flow",
+    "parse_flow",
+    "segment_tcp",
 ]
 
 IPPROTO_ICMP = 1

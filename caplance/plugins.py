@@ -14,7 +14,7 @@ from typing import Any, cast
 from caplance.errors import PluginError
 from caplance.interfaces import Selector, SelectorFactory
 
-__all__ = ["SELECTORS", "TRANSPORTS", "available", "load", "build_selector"]
+__all__ = ["SELECTORS", "TRANSPORTS", "available", "build_selector", "load"]
 
 SELECTORS = "caplance.selectors"
 TRANSPORTS = "caplance.transports"

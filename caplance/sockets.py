@@ -15,7 +15,7 @@ from caplance.errors import CaplanceError
 from caplance.interfaces import PacketSource
 from caplance.netops import IPAddress
 
-__all__ = ["SocketSource", "FdSource", "open_socket", "family_of", "pump", "attach_filter"]
+__all__ = ["FdSource", "SocketSource", "attach_filter", "family_of", "open_socket", "pump"]
 
 _ERROR_BACKOFF = 0.05  # seconds
 _SO_ATTACH_FILTER = 26

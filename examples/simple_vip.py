@@ -20,7 +20,15 @@ import sys
 
 import trio
 
-from caplance import Agent, AgentConfig, BackendConfig, Balancer, BalancerConfig, ListenerConfig, VipConfig
+from caplance import (
+    Agent,
+    AgentConfig,
+    BackendConfig,
+    Balancer,
+    BalancerConfig,
+    ListenerConfig,
+    VipConfig,
+)
 from caplance.lab import Lab, fetch_many, serve_name
 from caplance.lab.http import format_served
 from caplance.lab.netns import VIP4

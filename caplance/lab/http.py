@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-__all__ = ["serve_name", "fetch_many", "FetchResult", "Attempt", "format_served"]
+__all__ = ["Attempt", "FetchResult", "fetch_many", "format_served", "serve_name"]
 
 _MAX_REQUEST = 8192
 

@@ -16,18 +16,24 @@ The lab uses the ``ip`` command (iproute2); it is test scaffolding, not the bala
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import secrets
+import select
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import attrs
+import tomli_w
 
-__all__ = ["Lab", "LabHost", "VIP4", "VIP6"]
+__all__ = ["VIP4", "VIP6", "Lab", "LabHost"]
 
 VIP4 = ipaddress.IPv4Address("10.99.0.1")
 VIP6 = ipaddress.IPv6Address("fd99::1")
@@ -67,6 +73,7 @@ class Lab:
                 ipv6=ipaddress.IPv6Address(f"fd77::{number}"), mtu=mtu,
             )
         self._created: list[str] = []
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
         self._processes: list[subprocess.Popen[Any]] = []
 
     @property
@@ -138,6 +145,7 @@ class Lab:
                     pass
             _run(["ip", "netns", "del", name], check=False)
         self._created.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- running things in hosts ---------------------------------------------------------
 
@@ -153,6 +161,42 @@ class Lab:
         process = subprocess.Popen(self.command(role, *argv), **popen)
         self._processes.append(process)
         return process
+
+    def start(self, role: str, *argv: str, timeout: float = 20) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in ``role`` and wait until it prints a line "ready" on stdout.
+
+        Raises ``RuntimeError`` with its stderr if it exits or stays silent for ``timeout``
+        seconds."""
+        process = self.spawn(role, *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdout is not None
+        seen = b""
+        fd = process.stdout.fileno()
+        while b"ready\n" not in seen:
+            readable, _, _ = select.select([fd], [], [], timeout)
+            chunk = os.read(fd, 4096) if readable else b""
+            if not chunk:
+                process.kill()
+                _, err = process.communicate()
+                raise RuntimeError(f"{' '.join(argv)} in {role} did not get ready: {err.decode()[-2000:]}")
+            seen += chunk
+        return process
+
+    @staticmethod
+    def stop(process: subprocess.Popen[bytes], *, timeout: float = 20) -> dict[str, Any]:
+        """SIGTERM a process from :meth:`start`, wait, return the last JSON object it printed
+        on stdout (``{}`` if none). Raises ``RuntimeError`` if it exits non-zero."""
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=timeout)
+        if process.returncode != 0:
+            raise RuntimeError(f"exit {process.returncode}: {err.decode()[-2000:]}")
+        lines = [line for line in out.decode().splitlines() if line.startswith("{")]
+        return dict(json.loads(lines[-1])) if lines else {}
+
+    def write_config(self, name: str, data: dict[str, Any]) -> str:
+        """Write ``data`` as TOML file ``name`` in the lab's work directory; return its path."""
+        path = self.workdir / f"{name}.toml"
+        path.write_bytes(tomli_w.dumps(data).encode())
+        return str(path)
 
     def sysctl(self, role: str, name: str, value: str) -> None:
         self.run(role, "sysctl", "-q", "-w", f"{name}={value}")

@@ -11,7 +11,7 @@ from caplance.listeners.packet import PacketListener
 from caplance.listeners.raw import RawListener
 from caplance.listeners.tun import TunListener
 
-__all__ = ["make_listener", "LISTENERS"]
+__all__ = ["LISTENERS", "make_listener"]
 
 LISTENERS = ("tun", "raw", "packet")
 

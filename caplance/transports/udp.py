@@ -13,7 +13,7 @@ from typing import Final
 from caplance.netops import IPAddress, NetOps
 from caplance.sockets import SocketSource, family_of, open_socket
 
-__all__ = ["UdpTransport", "DEFAULT_PORT"]
+__all__ = ["DEFAULT_PORT", "UdpTransport"]
 
 DEFAULT_PORT: Final = 7001
 

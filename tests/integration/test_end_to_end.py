@@ -19,7 +19,6 @@ from tests.integration.services import (
     fetch,
     start_backend,
     start_balancer,
-    stop,
 )
 
 BACKENDS = ("be1", "be2", "be3")
@@ -105,7 +104,7 @@ def test_stop_leaves_nothing_behind(lab: Lab, listener: str) -> None:
     processes = start_all(lab, listener, vips=(VIP4,) if listener == "raw" else (VIP4, VIP6))
     assert lab.listing("lb") != before["lb"]  # the balancer did change things...
     assert fetch(lab, 30)["failures"] == []
-    stats = [stop(process) for process in reversed(processes)]
+    stats = [lab.stop(process) for process in reversed(processes)]
     assert stats[0]["packets_in"] > 0
     for role, listing in before.items():  # ...and put everything back
         assert lab.listing(role) == listing, role
@@ -137,7 +136,7 @@ def namespaces() -> set[str]:
 def test_demo_serves_every_request_and_cleans_up() -> None:
     before = namespaces()
     done = subprocess.run([sys.executable, str(ROOT / "examples/simple_vip.py"), "--requests", "300"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     last = done.stdout.strip().splitlines()[-1]
     counts = re.fullmatch(r"served: be1=(\d+) be2=(\d+) be3=(\d+)", last)
