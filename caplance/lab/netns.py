@@ -153,6 +153,10 @@ class Lab:
         """``argv`` wrapped to run inside host ``role``'s namespace."""
         return ["ip", "netns", "exec", self.hosts[role].netns, *argv]
 
+    def run_switch(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in the switch namespace (where the bridge and the hosts' peers are)."""
+        return _run(["ip", "netns", "exec", self.switch, *argv], check=check)
+
     def run(self, role: str, *argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return _run(self.command(role, *argv), check=check, input=input)
 
