@@ -73,8 +73,8 @@ class Agent:
         spec = self.config.transport
         factory = plugins.load(plugins.TRANSPORTS, spec.name)
         options = dict(spec.options)
-        if self.config.balancers:
-            options["allowed_sources"] = frozenset(str(b) for b in self.config.balancers)
+        if self.config.allowed_sources:
+            options["allowed_sources"] = frozenset(str(b) for b in self.config.allowed_sources)
         try:
             transport: Transport = factory(**options)
         except (TypeError, ValueError) as exc:
