@@ -32,7 +32,7 @@ import trio
 
 from caplance import plugins
 from caplance.config import AgentConfig
-from caplance.errors import MalformedPacket, PluginError
+from caplance.errors import MalformedPacket
 from caplance.interfaces import Transport
 from caplance.netops import NetOps
 from caplance.packet import destination, flow_key
@@ -70,16 +70,10 @@ class Agent:
         self._stop.set()
 
     def _transport(self) -> Transport:
-        spec = self.config.transport
-        factory = plugins.load(plugins.TRANSPORTS, spec.name)
-        options = dict(spec.options)
+        options = dict(self.config.transport.options)
         if self.config.allowed_sources:
             options["allowed_sources"] = frozenset(str(b) for b in self.config.allowed_sources)
-        try:
-            transport: Transport = factory(**options)
-        except (TypeError, ValueError) as exc:
-            raise PluginError(plugins.TRANSPORTS, spec.name, str(exc)) from exc
-        return transport
+        return plugins.make_transport(self.config.transport.name, options)
 
     def _open_injectors(self, netops: NetOps) -> dict[bytes, Callable[[bytes], object]]:
         """One injection callable per VIP (keyed by the packed address)."""

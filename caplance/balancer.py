@@ -17,7 +17,7 @@ import trio
 
 from caplance import plugins
 from caplance.config import BackendConfig, BalancerConfig, VipConfig
-from caplance.errors import CaplanceError, MalformedPacket, PluginError
+from caplance.errors import CaplanceError, MalformedPacket
 from caplance.interfaces import Listener, PacketSender, Selector, Transport
 from caplance.listeners import make_listener
 from caplance.netops import IPAddress, NetOps
@@ -148,11 +148,7 @@ class Balancer:
     def _transport(self, backend: BackendConfig) -> Transport:
         spec = (backend.transport.name, tuple(sorted(backend.transport.options.items())))
         if spec not in self._transports:
-            factory = plugins.load(plugins.TRANSPORTS, backend.transport.name)
-            try:
-                self._transports[spec] = factory(**backend.transport.options)
-            except (TypeError, ValueError) as exc:
-                raise PluginError(plugins.TRANSPORTS, backend.transport.name, str(exc)) from exc
+            self._transports[spec] = plugins.make_transport(backend.transport.name, backend.transport.options)
         return self._transports[spec]
 
     def _sender(self, backend: BackendConfig) -> Callable[[bytes, bytes], None]:
@@ -167,7 +163,9 @@ class Balancer:
         selector = plugins.build_selector(
             config.selector.name, {b.name: b.weight for b in config.backends}, config.selector.options
         )
-        senders = {backend.name: self._sender(backend) for backend in config.backends}
+        senders: dict[str, Callable[[bytes, bytes], None]] = {
+            backend.name: self._sender(backend) for backend in config.backends
+        }
         self._vips[config.address.packed] = _Vip(
             config=config,
             selector=selector,

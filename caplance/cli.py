@@ -1,4 +1,8 @@
-"""The ``caplance`` command: argument parsing, config loading, ``trio.run`` -- nothing else."""
+"""The ``caplance`` command: argument parsing, config loading, ``trio.run`` -- nothing else.
+
+Exit codes: 0 success, 1 a runtime error (printed as one line, no traceback), 2 an invalid
+configuration or command line (every problem listed).
+"""
 
 from __future__ import annotations
 
@@ -10,29 +14,47 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import tomli_w
 import trio
 
-from caplance.agent import Agent
-from caplance.balancer import Balancer
-from caplance.config import load_agent_config, load_balancer_config
+from caplance import plugins
+from caplance.config import AgentConfig, BalancerConfig, load, read_toml, unstructure
 from caplance.errors import CaplanceError, ConfigError
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
-_STANDARD = set(vars(logging.makeLogRecord({})))
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 class KeyValueFormatter(logging.Formatter):
-    """One structured line per event: ``level=info event="..." key=value ...``."""
+    """One structured line per event: ``ts=... level=info event="..." key=value ...``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = {"level": record.levelname.lower(), "logger": record.name,
-                                  "event": record.getMessage()}
+        fields: dict[str, Any] = {
+            "ts": round(record.created, 3), "level": record.levelname.lower(),
+            "logger": record.name, "event": record.getMessage(),
+        }
         fields.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
         return " ".join(f"{key}={json.dumps(value, default=str)}" for key, value in fields.items())
 
 
-async def _serve(service: Balancer | Agent, stats_out: bool) -> None:
+def config_kind(path: str) -> type[BalancerConfig] | type[AgentConfig]:
+    """An agent's file has a top-level ``name``; a balancer's has none."""
+    return AgentConfig if "name" in read_toml(path) else BalancerConfig
+
+
+def load_checked(path: str, kind: type[BalancerConfig] | type[AgentConfig]) -> BalancerConfig | AgentConfig:
+    """Load and validate, plugins' options included. Raises :class:`ConfigError`."""
+    config = load(path, kind)
+    problems = plugins.check_plugins(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+async def _serve(service: Any, stats_out: bool) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
@@ -44,35 +66,70 @@ async def _serve(service: Balancer | Agent, stats_out: bool) -> None:
         print(json.dumps(service.stats.snapshot()), flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="caplance", description=__doc__)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    commands = parser.add_subparsers(dest="command", required=True)
+def _run_service(args: argparse.Namespace) -> int:
+    from caplance.agent import Agent
+    from caplance.balancer import Balancer
+
+    if args.command == "balancer":
+        service: Any = Balancer(load_checked(args.config, BalancerConfig))  # type: ignore[arg-type]
+    else:
+        service = Agent(load_checked(args.config, AgentConfig))  # type: ignore[arg-type]
+    trio.run(_serve, service, args.print_stats)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    kind = {"balancer": BalancerConfig, "agent": AgentConfig}.get(args.kind) or config_kind(args.file)
+    config = load_checked(args.file, kind)
+    if args.action == "check":
+        print(f"{args.file}: valid {kind.__name__.removesuffix('Config').lower()} configuration")
+    else:
+        print(tomli_w.dumps(unstructure(config)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="caplance", description="Caplance: a layer-4 load balancer on trio.")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="log verbosity (structured lines on stderr)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, what in (("balancer", "run a balancer"), ("agent", "run a backend agent")):
-        command = commands.add_parser(name, help=what)
-        command.add_argument("--config", required=True, help="TOML file")
+        command = commands.add_parser(name, help=what, description=what)
+        command.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
         command.add_argument("--print-stats", action="store_true",
                              help="print the counters as JSON on stdout when stopping")
-    args = parser.parse_args(argv)
+    config = commands.add_parser("config", help="check or show a configuration",
+                                 description="Validate a configuration without starting anything.")
+    actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, what in (("check", "validate FILE (and the plugins' options)"),
+                         ("show", "print the effective configuration (environment applied, secret masked)")):
+        sub = actions.add_parser(action, help=what, description=what)
+        sub.add_argument("file", metavar="FILE")
+        sub.add_argument("--kind", choices=["balancer", "agent"],
+                         help="default: agent if FILE has a top-level name, else balancer")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(KeyValueFormatter())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
     try:
-        service: Balancer | Agent
-        if args.command == "balancer":
-            service = Balancer(load_balancer_config(args.config))
-        else:
-            service = Agent(load_agent_config(args.config))
-        trio.run(_serve, service, args.print_stats)
+        if args.command in ("balancer", "agent"):
+            return _run_service(args)
+        if args.command == "config":
+            return _config(args)
+        raise AssertionError(args.command)
     except ConfigError as exc:
-        print(f"caplance: invalid configuration {args.config}:", file=sys.stderr)
+        source = getattr(args, "config", None) or getattr(args, "file", "")
+        print(f"caplance: invalid configuration {source}:", file=sys.stderr)
         for path, message in exc.problems:
             print(f"  @ {path}: {message}", file=sys.stderr)
         return 2
     except CaplanceError as exc:
         print(f"caplance: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import json
 import os
 import tomllib
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, NewType, TypeVar
 
@@ -195,15 +195,15 @@ def _optional_endpoint(value: object) -> Endpoint | None:
 
 
 def _ips(values: object) -> tuple[IPAddress, ...]:
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ValueError(f"expected a list of IP addresses, got {_got(values)}")
-    return tuple(to_ip(value) for value in values)  # type: ignore[attr-defined]
+    return tuple(to_ip(value) for value in values)
 
 
 def _networks(values: object) -> tuple[IPNetwork, ...]:
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ValueError(f"expected a list of IP networks, got {_got(values)}")
-    return tuple(to_network(value) for value in values)  # type: ignore[attr-defined]
+    return tuple(to_network(value) for value in values)
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -425,7 +425,8 @@ def _options(value: object, _: Any) -> dict[str, Any]:
 
 converter.register_structure_hook(str, _strict_str)
 converter.register_structure_hook(bool, _strict_bool)
-converter.register_structure_hook_func(lambda t: typing.get_origin(t) is Literal, _literal)
+_LITERAL: Any = Literal
+converter.register_structure_hook_func(lambda t: typing.get_origin(t) is _LITERAL, _literal)
 converter.register_structure_hook(Secret, _reject_secret)
 converter.register_structure_hook_func(lambda t: t == Mapping[str, Any], _options)
 for _kind in (ipaddress.IPv4Address, ipaddress.IPv6Address, ipaddress.IPv4Network, ipaddress.IPv6Network, Endpoint):
@@ -591,7 +592,7 @@ def load(path: str | Path, cls: type[T], environ: Mapping[str, str] | None = Non
     environ = os.environ if environ is None else environ
     data, sources = apply_environment(read_toml(path), environ)
     config = structure(data, cls, sources=sources)
-    if attrs.has(cls) and "secret" in attrs.fields_dict(cls):  # type: ignore[arg-type]
+    if attrs.has(cls) and "secret" in attrs.fields_dict(cls):
         secret = resolve_secret(getattr(config, "secret_file", None), environ)
         config = attrs.evolve(config, secret=secret)  # type: ignore[misc]
     return config

@@ -12,9 +12,9 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any, cast
 
 from caplance.errors import PluginError
-from caplance.interfaces import Selector, SelectorFactory
+from caplance.interfaces import Selector, SelectorFactory, Transport
 
-__all__ = ["SELECTORS", "TRANSPORTS", "available", "build_selector", "load"]
+__all__ = ["SELECTORS", "TRANSPORTS", "available", "build_selector", "load", "make_transport", "check_plugins"]
 
 SELECTORS = "caplance.selectors"
 TRANSPORTS = "caplance.transports"
@@ -59,3 +59,40 @@ def build_selector(name: str, backends: Mapping[str, int], options: Mapping[str,
     if not callable(getattr(selector, "select", None)):
         raise PluginError(SELECTORS, name, f"build() returned {selector!r}, which has no select()")
     return selector
+
+
+def make_transport(name: str, options: Mapping[str, Any]) -> Transport:
+    """Load transport plugin ``name`` and instantiate it with ``options``.
+
+    Raises :class:`PluginError` naming the plugin and the problem for bad options.
+    """
+    factory = load(TRANSPORTS, name)
+    try:
+        transport: Transport = factory(**dict(options))
+    except (TypeError, ValueError) as exc:
+        raise PluginError(TRANSPORTS, name, str(exc)) from exc
+    return transport
+
+
+def check_plugins(config: Any) -> list[tuple[str, str]]:
+    """Build every selector and transport a balancer or agent config names, with its
+    options, and return the problems as ``(path, message)`` pairs (empty: all fine)."""
+    problems: list[tuple[str, str]] = []
+
+    def attempt(path: str, build: Any, *args: Any) -> None:
+        try:
+            build(*args)
+        except PluginError as exc:
+            problems.append((path, str(exc)))
+
+    for index, vip in enumerate(getattr(config, "vips", ())):
+        if not hasattr(vip, "selector"):
+            break  # an agent's VIPs are plain addresses
+        backends = {backend.name: backend.weight for backend in vip.backends}
+        attempt(f"$.vips[{index}].selector", build_selector, vip.selector.name, backends, vip.selector.options)
+        for number, backend in enumerate(vip.backends):
+            attempt(f"$.vips[{index}].backends[{number}].transport", make_transport,
+                    backend.transport.name, backend.transport.options)
+    if hasattr(config, "transport"):
+        attempt("$.transport", make_transport, config.transport.name, config.transport.options)
+    return problems
