@@ -58,13 +58,12 @@ def vip_filter(vips: Sequence[IPAddress], *, link_level: bool) -> bytes:
     if v4:
         code.append("v4")
         code.append((_LD_W_ABS, None, None, _SKF_NET_OFF + 16))
-        for vip in v4:
-            code.append((_JEQ_K, "accept", None, int(vip)))
+        code += [(_JEQ_K, "accept", None, int(address)) for address in v4]
         code.append((_RET_K, None, None, 0))
     if v6:
         code.append("v6")
-        for index, vip in enumerate(v6):
-            words = struct.unpack("!4I", vip.packed)
+        for index, address in enumerate(v6):
+            words = struct.unpack("!4I", address.packed)
             miss = f"v6_{index + 1}"
             for word_index, word in enumerate(words):
                 code.append((_LD_W_ABS, None, None, _SKF_NET_OFF + 24 + 4 * word_index))

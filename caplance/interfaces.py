@@ -83,7 +83,7 @@ class Listener(Protocol):
 
     name: str
 
-    def open(self, vips: Sequence[IPAddress], netops: NetOps) -> list[PacketSource]:
+    def open(self, vips: Sequence[IPAddress], netops: NetOps) -> Sequence[PacketSource]:
         """Attach ``vips`` and return the sources to read. Every change is recorded in
         ``netops`` (so the caller's ``netops.undo_all()`` detaches everything)."""
         ...
