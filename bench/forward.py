@@ -97,6 +97,7 @@ def caplance_row(lab: Lab, generator: Path, args: argparse.Namespace) -> tuple[f
     config: dict = {
         "listener": listener,
         "drain_idle": 0.2,
+        "control_socket": str(lab.workdir / "balancer.sock"),
         "vips": [{"address": str(VIP4), "protocol": "udp", "backends": [
             {"name": host.role, "address": str(host.ipv4)} for host in lab.backends]}],
     }

@@ -32,6 +32,9 @@ import trio
 
 from caplance import plugins
 from caplance.config import AgentConfig
+from caplance.control import run_agent_control
+from caplance.control_codec import probe_token
+from caplance.health import run_local_check
 from caplance.errors import MalformedPacket
 from caplance.interfaces import Transport
 from caplance.netops import NetOps
@@ -43,6 +46,7 @@ __all__ = ["Agent", "AgentStats"]
 log = logging.getLogger(__name__)
 
 BATCH = 256
+_NO_PORTS = b"\x00\x00\x00\x00"
 _IPPROTO_RAW = 255
 
 
@@ -57,17 +61,39 @@ class AgentStats:
 
 
 class Agent:
-    """The data path of one backend. ``await nursery.start(agent.run)`` returns once the VIPs
-    are on ``lo`` and the receiver is bound; :meth:`stop` ends it and undoes every change."""
+    """One backend's agent. ``await nursery.start(agent.run)`` returns once the VIPs are on
+    ``lo`` and the receiver is bound; with a balancer configured it then registers (and
+    re-registers after any disconnection) and sends heartbeats. :meth:`stop` drains,
+    deregisters and undoes every change."""
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.stats = AgentStats()
+        #: what the local health check last said (reported in heartbeats)
+        self.healthy = True
+        #: the state the balancer last told us (None before it told us anything)
+        self.balancer_state: str | None = None
         self._stop = trio.Event()
+        self._left = trio.Event()
+        self._requests_send, self._requests = trio.open_memory_channel[str](8)
+        self._probes_send, self._probes = trio.open_memory_channel[str](8)
 
     def stop(self) -> None:
-        """Ask :meth:`run` to return. Idempotent."""
+        """Ask :meth:`run` to drain (when registered with a balancer), deregister and
+        return. Idempotent; returns at once."""
         self._stop.set()
+
+    @property
+    def left(self) -> bool:
+        """True once deregistered (by us or by the balancer): no more re-registering."""
+        return self._left.is_set()
+
+    def mark_left(self) -> None:
+        self._left.set()
+
+    def requests(self) -> trio.MemoryReceiveChannel[str]:
+        """State requests for the balancer ("draining", "deregister"), in order."""
+        return self._requests
 
     def _transport(self) -> Transport:
         options = dict(self.config.transport.options)
@@ -108,12 +134,30 @@ class Agent:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pump, source, functools.partial(self._drain, targets),
                                    self._receive_error)
+                if self.config.balancer is not None:
+                    nursery.start_soon(run_agent_control, self, self._probes)
+                if self.config.health is not None:
+                    nursery.start_soon(run_local_check, self, self.config.health)
                 task_status.started()
                 await self._stop.wait()
+                await self._leave()
                 nursery.cancel_scope.cancel()
         finally:
             problems = netops.undo_all()
             log.info("agent stopped", extra={"agent": self.config.name, "cleanup_problems": problems})
+
+    async def _leave(self) -> None:
+        """Drain (new flows go elsewhere while ours finish), then deregister."""
+        if self.config.balancer is None or self.left:
+            return
+        log.info("agent draining", extra={"agent": self.config.name, "timeout": self.config.drain_timeout})
+        self._requests_send.send_nowait("draining")
+        with trio.move_on_after(self.config.drain_timeout):
+            await self._left.wait()
+        if not self.left:
+            self._requests_send.send_nowait("deregister")
+            with trio.move_on_after(2):
+                await self._left.wait()
 
     def _receive_error(self, exc: OSError) -> None:
         self.stats.dropped["receive_error"] += 1
@@ -134,6 +178,14 @@ class Agent:
             except MalformedPacket as exc:
                 dropped["malformed_" + exc.reason] += 1
                 continue
+            if key[-4:] == _NO_PORTS:  # a data-path probe from the balancer?
+                token = probe_token(inner, key)
+                if token is not None:
+                    try:
+                        self._probes_send.send_nowait(token)
+                    except trio.WouldBlock:
+                        dropped["probe_overflow"] += 1
+                    continue
             inject = targets.get(destination(key))
             if inject is None:
                 dropped["not_our_vip"] += 1

@@ -3,6 +3,11 @@
 Per packet (synchronously, in a drain loop with no await): key the flow, find its VIP, pick
 the backend with the VIP's selector, encapsulate and send. Every packet is either forwarded
 or counted as a drop with a reason; nothing a client sends can crash the loop.
+
+The backend set changes (agents registering, health, operators) only through
+:meth:`Balancer.apply` and friends: they update the :class:`~caplance.membership.Membership`
+and mark the VIP dirty; a rebuild task builds the new selector in a worker thread (off the
+forwarding path) and swaps it in as one value between two checkpoints.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from typing import Any
 import attrs
 import trio
 
+from caplance import control_codec as codec
 from caplance import plugins
-from caplance.config import BackendConfig, BalancerConfig, VipConfig
+from caplance.config import BalancerConfig, PluginConfig, VipConfig
 from caplance.errors import CaplanceError, MalformedPacket
 from caplance.interfaces import Listener, PacketSender, Selector, Transport
 from caplance.listeners import make_listener
+from caplance.membership import Member, Membership, State, Transition
 from caplance.netops import IPAddress, NetOps
 from caplance.packet import (
     IPPROTO_ICMP,
@@ -39,6 +46,8 @@ log = logging.getLogger(__name__)
 #: Packets handled per drain before letting other tasks run (a trio checkpoint costs ~9 us).
 BATCH = 256
 
+_SenderKey = tuple[str, tuple[tuple[str, Any], ...], IPAddress]
+
 
 @attrs.define
 class BalancerStats:
@@ -48,6 +57,7 @@ class BalancerStats:
     forwarded: collections.Counter[str] = attrs.field(factory=collections.Counter)
     forwarded_bytes: collections.Counter[str] = attrs.field(factory=collections.Counter)
     dropped: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    control: collections.Counter[str] = attrs.field(factory=collections.Counter)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -55,6 +65,7 @@ class BalancerStats:
             "forwarded": dict(self.forwarded),
             "forwarded_bytes": dict(self.forwarded_bytes),
             "dropped": dict(self.dropped),
+            "control": dict(self.control),
         }
 
 
@@ -76,6 +87,10 @@ def _vip_protocols(config: VipConfig) -> frozenset[int] | None:
     return frozenset({main, IPPROTO_ICMP, IPPROTO_ICMPV6})
 
 
+def _sender_key(transport: PluginConfig, address: IPAddress) -> _SenderKey:
+    return (transport.name, tuple(sorted(transport.options.items())), address)
+
+
 class Balancer:
     """A Maglev-style balancer for the VIPs of ``config``.
 
@@ -87,16 +102,32 @@ class Balancer:
     def __init__(self, config: BalancerConfig, *, listener: Listener | None = None) -> None:
         self.config = config
         self.stats = BalancerStats()
+        self.membership = Membership()
         self._listener = listener or make_listener(
             config.listener.kind, interface=config.listener.interface, device=config.listener.device
         )
+        self._vip_configs = {vip.address: vip for vip in config.vips}
         self._vips: dict[bytes, _Vip] = {}
-        self._senders: dict[tuple[str, IPAddress, tuple[tuple[str, Any], ...]], PacketSender] = {}
+        self._senders: dict[_SenderKey, PacketSender] = {}
         self._transports: dict[tuple[str, tuple[tuple[str, Any], ...]], Transport] = {}
         self._stop = trio.Event()
         self._admitting = True
+        self._dirty: set[IPAddress] = set()
+        self._dirty_event = trio.Event()
+        self.rebuilds = 0
+        #: registered agents' control sessions: name -> push a message to that agent
+        self.sessions: dict[str, Callable[[dict[str, Any]], None]] = {}
+        for vip in config.vips:
+            for backend in vip.backends:
+                if backend.name in self.membership:
+                    existing = self.membership.get(backend.name)
+                    existing.vips += (vip.address,)
+                    continue
+                member = Member(name=backend.name, address=backend.address, transport=backend.transport,
+                                vips=(vip.address,), weight=backend.weight, static=True, state=State.ACTIVE)
+                self.membership.add(member, 0.0)  # static: no heartbeats to time
 
-    # -- control ---------------------------------------------------------------------------
+    # -- lifecycle -------------------------------------------------------------------------
 
     def stop(self) -> None:
         """Ask :meth:`run` to drain and return. Idempotent; returns at once."""
@@ -114,16 +145,29 @@ class Balancer:
         On cancellation it skips the drain; either way every address, route, rule, device and
         socket it made is removed before it returns (cleanup is synchronous and bounded).
         """
+        from caplance.control import serve_agents
+        from caplance.ctl import serve_ctl
+        from caplance.health import run_health_checks
+
         netops = NetOps()
         try:
-            for vip_config in self.config.vips:
-                self._install_vip(vip_config)
-            sources = self._listener.open([vip.address for vip in self.config.vips], netops)
-            log.info("balancer attached", extra={"vips": [str(v.address) for v in self.config.vips],
+            for address in self._vip_configs:
+                self._vips[address.packed] = self._build_vip(address, self._build_selector(address))
+            self._close_unused_senders()
+            sources = self._listener.open(list(self._vip_configs), netops)
+            log.info("balancer attached", extra={"vips": [str(v) for v in self._vip_configs],
                                                  "listener": self._listener.name})
             async with trio.open_nursery() as nursery:
                 for source in sources:
                     nursery.start_soon(pump, source, self._drain, self._receive_error)
+                nursery.start_soon(self._rebuilder)
+                nursery.start_soon(self._watchdog)
+                for vip in self.config.vips:
+                    if vip.health is not None:
+                        nursery.start_soon(run_health_checks, self, vip.address, vip.health)
+                if self.config.control is not None:
+                    await nursery.start(serve_agents, self, netops)
+                await nursery.start(serve_ctl, self, netops)
                 task_status.started()
                 await self._stop.wait()
                 await self._drain_flows()
@@ -143,42 +187,122 @@ class Balancer:
                 seen = self.stats.packets_in
                 await trio.sleep(self.config.drain_idle)
 
-    # -- backends --------------------------------------------------------------------------
+    # -- membership changes ----------------------------------------------------------------
 
-    def _transport(self, backend: BackendConfig) -> Transport:
-        spec = (backend.transport.name, tuple(sorted(backend.transport.options.items())))
-        if spec not in self._transports:
-            self._transports[spec] = plugins.make_transport(backend.transport.name, backend.transport.options)
-        return self._transports[spec]
+    def log_transition(self, change: Transition | None) -> None:
+        """The one structured log line a state change gets; marks its VIPs for a rebuild."""
+        if change is None:
+            return
+        log.info("backend state change", extra={
+            "backend": change.name, "from": change.old.value, "to": change.new.value,
+            "reason": change.reason,
+        })
+        if change.name in self.membership:
+            self.mark_dirty(self.membership.get(change.name).vips)
+        notify = self.sessions.get(change.name)
+        if notify is not None and change.new is not change.old:
+            notify(codec.message("state", state=change.new.value))
 
-    def _sender(self, backend: BackendConfig) -> Callable[[bytes, bytes], None]:
-        options = tuple(sorted(backend.transport.options.items()))
-        spec = (backend.transport.name, backend.address, options)
-        if spec not in self._senders:
-            self._senders[spec] = self._transport(backend).open_sender(backend.address)
-        return self._senders[spec].send
+    def mark_dirty(self, vips: tuple[IPAddress, ...]) -> None:
+        self._dirty.update(vip for vip in vips if vip in self._vip_configs)
+        self._dirty_event.set()
 
-    def _install_vip(self, config: VipConfig) -> None:
-        """Build the VIP's selector and senders and swap them in as one value."""
-        selector = plugins.build_selector(
-            config.selector.name, {b.name: b.weight for b in config.backends}, config.selector.options
-        )
-        senders: dict[str, Callable[[bytes, bytes], None]] = {
-            backend.name: self._sender(backend) for backend in config.backends
-        }
-        self._vips[config.address.packed] = _Vip(
-            config=config,
-            selector=selector,
-            senders=senders,
-            protocols=_vip_protocols(config),
-            ports=frozenset(config.ports) or None,
-        )
+    def add_member(self, member: Member) -> None:
+        """Add a backend (in state registering: it gets no traffic until activated)."""
+        for change in self.membership.add(member, trio.current_time()):
+            self.log_transition(change)
+        self.log_transition(Transition(member.name, State.GONE, member.state, "registered"))
 
-    def vip_backends(self, address: IPAddress) -> tuple[BackendConfig, ...]:
-        vip = self._vips.get(address.packed)
-        if vip is None:
-            raise CaplanceError(f"{address} is not a VIP of this balancer")
-        return vip.config.backends
+    def set_state(self, name: str, state: State, reason: str, *, drain_timeout: float | None = None) -> None:
+        """Move backend ``name`` to ``state``. Raises :class:`MembershipError`."""
+        now = trio.current_time()
+        deadline = now + (drain_timeout or self.config.drain_timeout) if state is State.DRAINING else None
+        self.log_transition(self.membership.transition(name, state, now, reason, drain_deadline=deadline))
+
+    def heartbeat(self, name: str, healthy: bool) -> None:
+        self.log_transition(self.membership.heartbeat(name, trio.current_time(), healthy))
+
+    def set_check_health(self, name: str, healthy: bool) -> None:
+        if name in self.membership:
+            self.log_transition(self.membership.set_check_health(name, healthy))
+
+    def status_extra(self) -> dict[str, Any]:
+        """More for ``caplance ctl status`` (the flow table's counters, when it is on)."""
+        return {}
+
+    def vip_members(self, address: IPAddress) -> list[Member]:
+        return [m for m in self.membership.for_vip(address) if m.state is not State.GONE]
+
+    def vip_config(self, address: IPAddress) -> VipConfig:
+        try:
+            return self._vip_configs[address]
+        except KeyError:
+            raise CaplanceError(f"{address} is not a VIP of this balancer") from None
+
+    async def _watchdog(self) -> None:
+        """Expire silent backends and finished drains; forget gone ones after a while."""
+        period = self.config.heartbeat_timeout / 4
+        while True:
+            await trio.sleep(period)
+            for change in self.membership.expire(trio.current_time(), self.config.heartbeat_timeout):
+                self.log_transition(change)
+
+    # -- selectors: built off the forwarding path, swapped in whole ------------------------
+
+    def _build_selector(self, address: IPAddress) -> Selector:
+        vip = self._vip_configs[address]
+        return plugins.build_selector(vip.selector.name, self.membership.weights(address), vip.selector.options)
+
+    async def _rebuilder(self) -> None:
+        while True:
+            await self._dirty_event.wait()
+            self._dirty_event = trio.Event()
+            dirty, self._dirty = self._dirty, set()
+            for address in sorted(dirty, key=str):
+                weights = self.membership.weights(address)
+                vip = self._vip_configs[address]
+                try:
+                    selector = await trio.to_thread.run_sync(
+                        lambda: plugins.build_selector(vip.selector.name, weights, vip.selector.options))
+                except CaplanceError as exc:
+                    log.error("selector rebuild failed", extra={"vip": str(address), "error": str(exc)})
+                    continue
+                # Membership may have moved on while we built; the next round catches up.
+                self._vips[address.packed] = self._build_vip(address, selector)
+                self.rebuilds += 1
+                log.info("selector rebuilt", extra={"vip": str(address), "backends": weights})
+            self._close_unused_senders()
+
+    def _build_vip(self, address: IPAddress, selector: Selector) -> _Vip:
+        config = self._vip_configs[address]
+        senders: dict[str, Callable[[bytes, bytes], None]] = {}
+        for member in self.membership.for_vip(address):
+            if member.in_selector:
+                try:
+                    senders[member.name] = self.sender(member.transport, member.address).send
+                except CaplanceError as exc:
+                    log.error("cannot open sender", extra={"backend": member.name, "error": str(exc)})
+        return _Vip(config=config, selector=selector, senders=senders,
+                    protocols=_vip_protocols(config), ports=frozenset(config.ports) or None)
+
+    def transport(self, spec: PluginConfig) -> Transport:
+        key = (spec.name, tuple(sorted(spec.options.items())))
+        if key not in self._transports:
+            self._transports[key] = plugins.make_transport(spec.name, spec.options)
+        return self._transports[key]
+
+    def sender(self, spec: PluginConfig, address: IPAddress) -> PacketSender:
+        """The (shared) sender to ``address`` over transport ``spec``."""
+        key = _sender_key(spec, address)
+        if key not in self._senders:
+            self._senders[key] = self.transport(spec).open_sender(address)
+        return self._senders[key]
+
+    def _close_unused_senders(self) -> None:
+        used = {_sender_key(m.transport, m.address) for m in self.membership.members()
+                if m.state is not State.GONE}
+        for key in [key for key in self._senders if key not in used]:
+            self._senders.pop(key).close()
 
     # -- data plane ------------------------------------------------------------------------
 
@@ -227,8 +351,12 @@ class Balancer:
             if name is None:
                 dropped["no_backend"] += 1
                 continue
+            send = vip.senders.get(name)
+            if send is None:  # chosen by a selector built just before its backend left
+                dropped["no_sender"] += 1
+                continue
             try:
-                vip.senders[name](packet, key)
+                send(packet, key)
             except BlockingIOError:
                 dropped["transport_busy"] += 1
                 continue
@@ -238,3 +366,4 @@ class Balancer:
             forwarded[name] += 1
             forwarded_bytes[name] += len(packet)
         return False
+

@@ -88,6 +88,22 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ctl(args: argparse.Namespace) -> int:
+    from caplance.ctl import format_status, send_command
+
+    command_args: list[Any] = [] if args.ctl_command == "status" else [args.name]
+    if getattr(args, "timeout", None) is not None:
+        command_args.append(args.timeout)
+    result = trio.run(send_command, args.socket, args.ctl_command, command_args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.ctl_command == "status":
+        print(format_status(result))
+    else:
+        print(result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="caplance", description="Caplance: a layer-4 load balancer on trio.")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -98,6 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
         command.add_argument("--print-stats", action="store_true",
                              help="print the counters as JSON on stdout when stopping")
+    ctl = commands.add_parser("ctl", help="operate a running balancer",
+                              description="Operate a running balancer over its unix socket (root only).")
+    ctl.add_argument("--socket", default=BalancerConfig.__attrs_attrs__.control_socket.default,
+                     help="the balancer's control_socket (default: %(default)s)")
+    ctl.add_argument("--json", action="store_true", help="print the raw result as JSON")
+    ctl_commands = ctl.add_subparsers(dest="ctl_command", required=True, metavar="ACTION")
+    ctl_commands.add_parser("status", help="backends: state, weight, health, packets, bytes, heartbeat")
+    for action, what in (("pause", "weight 0: no new flows"), ("resume", "back to its weight"),
+                         ("drain", "pause, then deregister after a deadline"),
+                         ("deregister", "remove now (its flows re-hash)")):
+        sub = ctl_commands.add_parser(action, help=what, description=what)
+        sub.add_argument("name", metavar="NAME")
+        if action == "drain":
+            sub.add_argument("--timeout", type=float, help="seconds (default: the balancer's drain_timeout)")
     config = commands.add_parser("config", help="check or show a configuration",
                                  description="Validate a configuration without starting anything.")
     actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -120,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_service(args)
         if args.command == "config":
             return _config(args)
+        if args.command == "ctl":
+            return _ctl(args)
         raise AssertionError(args.command)
     except ConfigError as exc:
         source = getattr(args, "config", None) or getattr(args, "file", "")

@@ -44,6 +44,7 @@ __all__ = [
     "flow_key",
     "internet_checksum",
     "is_new_tcp_flow",
+    "udp_packet",
     "parse_flow",
     "segment_tcp",
 ]
@@ -299,6 +300,24 @@ def _pseudo_header_sum(packet: bytes | bytearray, l4_offset: int, l4_length: int
     else:
         head = bytes(packet[8:40]) + struct.pack("!IxxxB", l4_length, packet[6])
     return _ones_complement_sum(head)
+
+
+def udp_packet(src: IPAddress, dst: IPAddress, sport: int, dport: int, payload: bytes) -> bytes:
+    """A whole IPv4 or IPv6 UDP packet with correct checksums (TTL/hop limit 64)."""
+    length = 8 + len(payload)
+    udp = bytearray(struct.pack("!HHHH", sport, dport, length, 0) + payload)
+    if src.version == 4:
+        pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, IPPROTO_UDP, length)
+        header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000, 64,
+                                       IPPROTO_UDP, 0, src.packed, dst.packed))
+        struct.pack_into("!H", header, 10, internet_checksum(header))
+    else:
+        pseudo = src.packed + dst.packed + struct.pack("!IxxxB", length, IPPROTO_UDP)
+        header = bytearray(struct.pack("!IHBB16s16s", 0x60000000, length, IPPROTO_UDP, 64,
+                                       src.packed, dst.packed))
+    checksum = internet_checksum(pseudo + udp) or 0xFFFF
+    struct.pack_into("!H", udp, 6, checksum)
+    return bytes(header + udp)
 
 
 def has_partial_checksum(packet: bytes) -> bool:

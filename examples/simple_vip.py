@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -63,6 +64,7 @@ async def balancer_host(listener: str) -> None:
             backends=tuple(BackendConfig(name=name, address=ipaddress.ip_address(address))
                            for name, address in BACKENDS.items()),
         ),),
+        control_socket=f"/run/caplance/demo-{os.getpid()}.sock",  # not the default: a real one may run
         drain_idle=0.2,
     )
     balancer = Balancer(config)

@@ -25,6 +25,7 @@ def balancer_config(lab: Lab, *, listener: str = "tun", vips: Iterable[ipaddress
         listener_table["interface"] = "eth0"
     return {
         "listener": listener_table,
+        "control_socket": str(lab.workdir / "balancer.sock"),
         "drain_idle": 0.2,
         "vips": [
             {"address": str(vip), "protocol": "tcp", "ports": [80],

@@ -1,0 +1,363 @@
+"""The control channel's trio glue: the balancer serving agents, and the agent's client.
+
+The protocol itself (framing, messages, HMAC proofs) is the pure
+:mod:`caplance.control_codec`; this module moves its frames over TCP with timeouts, so a
+hostile or stalled peer costs one connection and nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import random
+import secrets
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from caplance import control_codec as codec
+from caplance.config import PluginConfig, to_ip
+from caplance.errors import CaplanceError
+from caplance.membership import Member, MembershipError, State
+from caplance.netops import NetOps
+from caplance.packet import flow_key
+
+if TYPE_CHECKING:
+    from caplance.agent import Agent
+    from caplance.balancer import Balancer
+
+__all__ = ["FramedStream", "serve_agents", "run_agent_control", "Refused"]
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 5.0  # seconds for hello + register: slow or silent peers are cut off
+PROBE_RESEND = 0.25  # seconds between data-path probes while waiting for the echo
+_LOST = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class Refused(CaplanceError):
+    """The other side refused us (or failed to prove the secret)."""
+
+
+class FramedStream:
+    """Length-prefixed JSON messages over a trio stream."""
+
+    def __init__(self, stream: trio.abc.Stream, max_frame: int = codec.MAX_FRAME) -> None:
+        self.stream = stream
+        self._decoder = codec.FrameDecoder(max_frame)
+        self._ready: list[dict[str, Any]] = []
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        await self.stream.send_all(codec.encode(msg))
+
+    async def receive(self) -> dict[str, Any]:
+        """The next message. Raises :class:`codec.ProtocolError` on bad input and
+        ``trio.BrokenResourceError`` when the peer closes."""
+        while not self._ready:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise trio.BrokenResourceError("connection closed by peer")
+            self._ready.extend(self._decoder.feed(data))
+        return self._ready.pop(0)
+
+    async def expect(self, kind: str) -> dict[str, Any]:
+        """The next message, which must be of type ``kind`` (``refused`` raises :class:`Refused`)."""
+        msg = await self.receive()
+        if msg["type"] == "refused" and kind != "refused":
+            raise Refused(msg["reason"])
+        if msg["type"] != kind:
+            raise codec.ProtocolError("unexpected_message", f"wanted {kind}, got {msg['type']}")
+        return msg
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+# -- the balancer's side -------------------------------------------------------------------
+
+
+async def serve_agents(balancer: Balancer, netops: NetOps, *,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Accept agents on the configured control address until cancelled."""
+    endpoint = balancer.config.control
+    assert endpoint is not None
+    listeners = await trio.open_tcp_listeners(endpoint.port, host=str(endpoint.host))
+    log.info("control channel listening", extra={"address": str(endpoint)})
+    task_status.started()
+    await trio.serve_listeners(functools.partial(_balancer_session, balancer), listeners)
+
+
+async def _refuse(framed: FramedStream, balancer: Balancer, reason: str, counter: str) -> None:
+    balancer.stats.control["refused_" + counter] += 1
+    log.warning("registration refused", extra={"reason": reason})
+    with trio.move_on_after(1):
+        try:
+            await framed.send(codec.message("refused", reason=reason))
+        except _LOST:
+            pass
+
+
+def _peer_allowed(balancer: Balancer, peer: str) -> bool:
+    networks = balancer.config.allowed_networks
+    if not networks:
+        return True
+    address = ipaddress.ip_address(peer.split("%")[0])
+    return any(address in network for network in networks)
+
+
+async def _balancer_session(balancer: Balancer, stream: trio.SocketStream) -> None:
+    framed = FramedStream(stream)
+    member: Member | None = None
+    counters = balancer.stats.control
+    try:
+        async with stream:
+            peer = stream.socket.getpeername()[0]
+            if not _peer_allowed(balancer, peer):
+                await _refuse(framed, balancer, f"{peer} is not in the allowed networks", "network")
+                return
+            secret = balancer.config.secret
+            if secret is None:
+                await _refuse(framed, balancer, "the balancer has no secret configured", "no_secret")
+                return
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                member = await _handshake(balancer, framed, secret.value)
+            if member is None:
+                return
+            await _prove_data_path(balancer, framed, member)
+            await _serve_member(balancer, framed, member)
+    except codec.ProtocolError as exc:
+        counters["protocol_" + exc.reason] += 1
+        log.warning("control connection closed: bad message", extra={"error": str(exc)})
+    except trio.TooSlowError:
+        counters["timeout"] += 1
+        log.warning("control connection closed: too slow")
+    except Refused as exc:
+        log.warning("control connection closed", extra={"reason": str(exc)})
+    except _LOST:
+        counters["connection_lost"] += 1
+    finally:
+        if member is not None:
+            balancer.sessions.pop(member.name, None)
+            current = balancer.membership.get(member.name) if member.name in balancer.membership else None
+            if current is member and member.state is not State.GONE:
+                balancer.set_state(member.name, State.GONE, "control connection lost")
+
+
+async def _handshake(balancer: Balancer, framed: FramedStream, secret: bytes) -> Member | None:
+    """hello -> challenge -> register; returns the new member, or None after refusing."""
+    hello = await framed.expect("hello")
+    name, nonce_a = hello["name"], hello["nonce"]
+    nonce_b = codec.new_nonce()
+    await framed.send(codec.message("challenge", nonce=nonce_b,
+                                    proof=codec.mac(secret, "balancer", nonce_a, nonce_b, name)))
+    register = await framed.expect("register")
+    if register["name"] != name:
+        await _refuse(framed, balancer, "name differs from hello", "malformed")
+        return None
+    if not codec.verify_mac(secret, register["proof"], "agent", nonce_b, nonce_a,
+                            *codec.registration_fields(register)):
+        await _refuse(framed, balancer, "authentication failed", "auth")
+        return None
+    try:
+        address = to_ip(register["data_address"])
+        vips = tuple(to_ip(vip) for vip in register["vips"])
+        transport = PluginConfig(name=register["transport"].get("name", ""),
+                                 options=register["transport"].get("options", {}))
+        balancer.transport(transport)  # refuses unknown transports and bad options
+        for vip in vips:
+            balancer.vip_config(vip)
+        if register["weight"] < 0:
+            raise ValueError("negative weight")
+    except (CaplanceError, ValueError, TypeError, AttributeError) as exc:
+        await _refuse(framed, balancer, f"bad registration: {exc}", "malformed")
+        return None
+    if name in balancer.membership and balancer.membership.get(name).static:
+        await _refuse(framed, balancer, f"{name} is a static backend in the config", "name_taken")
+        return None
+    member = Member(name=name, address=address, transport=transport, vips=vips,
+                    weight=register["weight"], static=False)
+    balancer.add_member(member)
+    balancer.stats.control["registrations"] += 1
+    return member
+
+
+async def _prove_data_path(balancer: Balancer, framed: FramedStream, member: Member) -> None:
+    """Send a random token through the real transport; the agent must echo it in time."""
+    token = secrets.token_hex(16)
+    probe = codec.probe_packet(member.vips[0], token)
+    sender = balancer.sender(member.transport, member.address)
+    await framed.send(codec.message("welcome"))
+    try:
+        with trio.fail_after(balancer.config.proof_timeout):
+            async with trio.open_nursery() as nursery:
+                async def resend() -> None:
+                    while True:
+                        try:
+                            sender.send(probe, flow_key(probe))
+                        except OSError:
+                            pass  # counted as a failed proof if no probe gets through
+                        await trio.sleep(PROBE_RESEND)
+
+                nursery.start_soon(resend)
+                while True:
+                    msg = await framed.expect("proof")
+                    if msg["token"] == token:
+                        nursery.cancel_scope.cancel()
+                        break
+    except trio.TooSlowError:
+        balancer.set_state(member.name, State.GONE, "data path proof failed")
+        await _refuse(framed, balancer, "data path proof failed: no probe echoed in time", "proof")
+        raise Refused("data path proof failed") from None
+    balancer.set_state(member.name, State.ACTIVE, "data path proven")
+    await framed.send(codec.message("active"))
+
+
+async def _serve_member(balancer: Balancer, framed: FramedStream, member: Member) -> None:
+    """Heartbeats and state requests until the agent leaves or the connection ends."""
+    outbox_send, outbox = trio.open_memory_channel[dict[str, Any]](16)
+
+    def notify(msg: dict[str, Any]) -> None:
+        try:
+            outbox_send.send_nowait(msg)
+        except trio.WouldBlock:
+            log.warning("agent not reading its control channel", extra={"backend": member.name})
+
+    balancer.sessions[member.name] = notify
+    async with trio.open_nursery() as nursery:
+        async def writer() -> None:
+            async for msg in outbox:
+                await framed.send(msg)
+                if msg["type"] == "state" and msg["state"] == State.GONE.value:
+                    nursery.cancel_scope.cancel()
+
+        nursery.start_soon(writer)
+        while True:
+            with trio.fail_after(balancer.config.heartbeat_timeout * 2):
+                msg = await framed.receive()
+            kind = msg["type"]
+            if kind == "heartbeat":
+                balancer.heartbeat(member.name, msg["healthy"])
+            elif kind == "state":
+                wanted = {"active": State.ACTIVE, "paused": State.PAUSED, "draining": State.DRAINING}
+                if msg["state"] not in wanted:
+                    raise codec.ProtocolError("bad_state", msg["state"][:20])
+                try:
+                    balancer.set_state(member.name, wanted[msg["state"]], "requested by the agent")
+                except MembershipError as exc:
+                    log.warning("agent state request refused", extra={"error": str(exc)})
+            elif kind == "deregister":
+                balancer.set_state(member.name, State.GONE, "deregistered by the agent")
+                nursery.cancel_scope.cancel()
+                return
+            else:
+                raise codec.ProtocolError("unexpected_message", kind)
+
+
+# -- the agent's side ----------------------------------------------------------------------
+
+
+async def run_agent_control(agent: Agent, probes: trio.MemoryReceiveChannel[str]) -> None:
+    """Register with the balancer and keep registered: reconnect with backoff (jittered,
+    doubling up to 10 s) whenever the connection ends, until the balancer says we are gone
+    or the agent stops."""
+    endpoint = agent.config.balancer
+    assert endpoint is not None
+    backoff = 0.2
+    while not agent.left:
+        try:
+            stream = await trio.open_tcp_stream(str(endpoint.host), endpoint.port)
+            async with stream:
+                registered = await _register_and_serve(agent, FramedStream(stream), probes)
+            if registered:
+                backoff = 0.2
+        except Refused as exc:
+            log.warning("balancer refused the registration", extra={"reason": str(exc)})
+        except codec.ProtocolError as exc:
+            log.warning("bad message from the balancer", extra={"error": str(exc)})
+        except trio.TooSlowError:
+            log.warning("balancer too slow; reconnecting")
+        except _LOST as exc:
+            log.info("control connection lost; reconnecting", extra={"error": str(exc)})
+        if agent.left:
+            return
+        await trio.sleep(backoff * random.uniform(0.5, 1.5))
+        backoff = min(backoff * 2, 10.0)
+
+
+async def _register_and_serve(agent: Agent, framed: FramedStream,
+                              probes: trio.MemoryReceiveChannel[str]) -> bool:
+    config = agent.config
+    secret = config.secret
+    if secret is None:
+        raise Refused("no secret configured (secret_file or CAPLANCE_SECRET)")
+    nonce_a = codec.new_nonce()
+    with trio.fail_after(HANDSHAKE_TIMEOUT):
+        await framed.send(codec.message("hello", name=config.name, nonce=nonce_a))
+        challenge = await framed.expect("challenge")
+        if not codec.verify_mac(secret.value, challenge["proof"], "balancer", nonce_a, challenge["nonce"], config.name):
+            raise Refused("the balancer failed to prove it knows the secret")
+        data_address = config.data_address
+        if data_address.is_unspecified:
+            data_address = to_ip(framed.stream.socket.getsockname()[0])  # type: ignore[attr-defined]
+        register = codec.message(
+            "register", name=config.name, data_address=str(data_address),
+            transport={"name": config.transport.name, "options": dict(config.transport.options)},
+            vips=[str(vip) for vip in config.vips], weight=config.weight, proof="",
+        )
+        register["proof"] = codec.mac(secret.value, "agent", challenge["nonce"], nonce_a,
+                                      *codec.registration_fields(register))
+        await framed.send(register)
+        await framed.expect("welcome")
+    while True:  # drop tokens of earlier attempts
+        try:
+            probes.receive_nowait()
+        except trio.WouldBlock:
+            break
+    with trio.fail_after(HANDSHAKE_TIMEOUT + 5):
+        async with trio.open_nursery() as nursery:
+            async def echo() -> None:
+                async for token in probes:
+                    await framed.send(codec.message("proof", token=token))
+
+            nursery.start_soon(echo)
+            await framed.expect("active")
+            nursery.cancel_scope.cancel()
+    log.info("registered with the balancer", extra={"agent": config.name, "balancer": str(config.balancer)})
+    await _agent_registered(agent, framed)
+    return True
+
+
+async def _agent_registered(agent: Agent, framed: FramedStream) -> None:
+    """Heartbeats out, state changes in; the agent's own requests (drain, leave) out."""
+    async with trio.open_nursery() as nursery:
+        async def heartbeats() -> None:
+            seq = 0
+            while True:
+                seq += 1
+                await framed.send(codec.message("heartbeat", seq=seq, healthy=agent.healthy))
+                await trio.sleep(agent.config.heartbeat_interval)
+
+        async def requests() -> None:
+            async for request in agent.requests():
+                if request == "deregister":
+                    await framed.send(codec.message("deregister"))
+                    agent.mark_left()
+                    nursery.cancel_scope.cancel()
+                    return
+                await framed.send(codec.message("state", state=request))
+
+        nursery.start_soon(heartbeats)
+        nursery.start_soon(requests)
+        while True:
+            msg = await framed.receive()
+            if msg["type"] == "state":
+                agent.balancer_state = msg["state"]
+                log.info("balancer changed our state", extra={"agent": agent.config.name, "state": msg["state"]})
+                if msg["state"] == State.GONE.value:
+                    agent.mark_left()
+                    nursery.cancel_scope.cancel()
+                    return
+            elif msg["type"] == "refused":
+                raise Refused(msg["reason"])
+

@@ -1,0 +1,182 @@
+"""``caplance ctl``: operate a running balancer over a local unix socket.
+
+The socket is created with mode 0600 in a directory of mode 0700 (root only) and removed on
+stop. One connection carries one ``command`` and gets one ``reply`` (same framing as the
+control channel). Commands: ``status``, ``pause NAME``, ``resume NAME``,
+``drain NAME [SECONDS]``, ``deregister NAME``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import stat
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from caplance import control_codec as codec
+from caplance.control import FramedStream
+from caplance.errors import CaplanceError
+from caplance.membership import MembershipError, State
+from caplance.netops import NetOps
+
+if TYPE_CHECKING:
+    from caplance.balancer import Balancer
+
+__all__ = ["serve_ctl", "send_command", "status_rows", "format_status", "COMMANDS"]
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("status", "pause", "resume", "drain", "deregister")
+_TIMEOUT = 5.0
+
+
+def status_rows(balancer: Balancer) -> dict[str, Any]:
+    """The ``status`` reply: one row per backend, plus the balancer's counters."""
+    now = trio.current_time()
+    rows = []
+    for member in balancer.membership.members():
+        rows.append({
+            "backend": member.name,
+            "vips": [str(v) for v in member.vips],
+            "state": member.state.value,
+            "weight": member.weight,
+            "effective_weight": member.effective_weight,
+            "health": "ok" if member.healthy else (
+                "agent reports failure" if not member.agent_healthy else "checks failing"),
+            "packets": balancer.stats.forwarded.get(member.name, 0),
+            "bytes": balancer.stats.forwarded_bytes.get(member.name, 0),
+            "last_heartbeat": None if member.static or member.last_heartbeat is None
+            else round(now - member.last_heartbeat, 1),
+            "static": member.static,
+        })
+    return {"backends": rows, "counters": balancer.stats.snapshot(), "extra": balancer.status_extra()}
+
+
+def _execute(balancer: Balancer, command: str, args: list[Any]) -> Any:
+    if command == "status":
+        return status_rows(balancer)
+    if command not in COMMANDS or not args or not isinstance(args[0], str):
+        raise CaplanceError(f"usage: {command} NAME")
+    name = args[0]
+    if command == "pause":
+        balancer.set_state(name, State.PAUSED, "paused by operator")
+    elif command == "resume":
+        balancer.set_state(name, State.ACTIVE, "resumed by operator")
+    elif command == "drain":
+        timeout = float(args[1]) if len(args) > 1 else None
+        balancer.set_state(name, State.DRAINING, "drained by operator", drain_timeout=timeout)
+    else:
+        balancer.set_state(name, State.GONE, "deregistered by operator")
+    return f"{name}: {balancer.membership.get(name).state.value}"
+
+
+async def serve_ctl(balancer: Balancer, netops: NetOps, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``caplance ctl`` on the configured unix socket until cancelled."""
+    path = balancer.config.control_socket
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    _remove_stale(path)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        await sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise CaplanceError(f"cannot bind the ctl socket {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    netops.push_undo(f"remove ctl socket {path}", functools.partial(_remove, path))
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    task_status.started()
+    await trio.serve_listeners(functools.partial(_ctl_session, balancer), [listener])
+
+
+def _remove_stale(path: str) -> None:
+    """Remove a socket file left by a balancer that did not stop cleanly; refuse to take
+    over one a running balancer still answers on."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise CaplanceError(f"the ctl socket path {path} exists and is not a socket")
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise CaplanceError(f"another balancer answers on {path}; set control_socket to another path")
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+async def _ctl_session(balancer: Balancer, stream: trio.SocketStream) -> None:
+    framed = FramedStream(stream)
+    async with stream:
+        try:
+            with trio.fail_after(_TIMEOUT):
+                msg = await framed.expect("command")
+                try:
+                    result = _execute(balancer, msg["command"], msg["args"])
+                    reply = codec.message("reply", ok=True, result=result)
+                except (CaplanceError, MembershipError, ValueError) as exc:
+                    reply = codec.message("reply", ok=False, result=str(exc))
+                await framed.send(reply)
+        except (codec.ProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            balancer.stats.control["ctl_errors"] += 1
+            log.warning("ctl connection failed", extra={"error": str(exc)})
+
+
+async def send_command(path: str, command: str, args: list[Any]) -> Any:
+    """Send one command to the balancer at ``path``; its result, or :class:`CaplanceError`."""
+    try:
+        stream = await trio.open_unix_socket(path)
+    except OSError as exc:
+        raise CaplanceError(f"cannot reach the balancer at {path}: {exc.strerror or exc}"
+                            " (is it running? are you root?)") from exc
+    async with stream:
+        framed = FramedStream(stream)
+        with trio.fail_after(_TIMEOUT):
+            await framed.send(codec.message("command", command=command, args=args))
+            reply = await framed.expect("reply")
+    if not reply["ok"]:
+        raise CaplanceError(str(reply["result"]))
+    return reply["result"]
+
+
+def format_status(result: dict[str, Any]) -> str:
+    """The ``status`` table."""
+    header = ("backend", "state", "weight", "health", "packets", "bytes", "heartbeat")
+    lines = [header]
+    for row in result["backends"]:
+        beat = "static" if row["static"] else (
+            "-" if row["last_heartbeat"] is None else f"{row['last_heartbeat']}s ago")
+        weight = f"{row['effective_weight']}/{row['weight']}"
+        lines.append((row["backend"], row["state"], weight, row["health"], str(row["packets"]),
+                      str(row["bytes"]), beat))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
+    counters = result["counters"]
+    out.append("")
+    out.append(f"packets in: {counters['packets_in']}  dropped: {counters['dropped'] or 0}")
+    if counters.get("control"):
+        out.append(f"control: {counters['control']}")
+    for name, value in (result.get("extra") or {}).items():
+        out.append(f"{name}: {value}")
+    out.append(f"as of {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    return "\n".join(out)

@@ -1,0 +1,187 @@
+"""Who the backends are and what state each is in. Pure: time is passed in, no trio.
+
+States::
+
+    registering -> active <-> paused -> draining -> gone
+                      \\________\\___________\\_____^   (deregister, heartbeat lost, refused)
+
+* ``active``: in the selector with its weight (when healthy).
+* ``paused``: weight 0 -- no new flows; its established flows keep going where connection
+  tracking allows.
+* ``draining``: paused, and ``gone`` at its deadline.
+* ``gone``: out of the selector and the flow table; its flows re-hash.
+
+Health is orthogonal: a backend that fails its health checks (the balancer's active checks or
+its agent's own report) leaves the selector like a gone one, and comes back when healthy.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+import attrs
+
+from caplance.config import PluginConfig
+from caplance.packet import IPAddress
+
+__all__ = ["State", "Member", "Transition", "Membership", "MembershipError"]
+
+
+class State(enum.Enum):
+    REGISTERING = "registering"
+    ACTIVE = "active"
+    PAUSED = "paused"
+    DRAINING = "draining"
+    GONE = "gone"
+
+
+_ALLOWED: dict[State, frozenset[State]] = {
+    State.REGISTERING: frozenset({State.ACTIVE, State.GONE}),
+    State.ACTIVE: frozenset({State.PAUSED, State.DRAINING, State.GONE}),
+    State.PAUSED: frozenset({State.ACTIVE, State.DRAINING, State.GONE}),
+    State.DRAINING: frozenset({State.ACTIVE, State.GONE}),
+    State.GONE: frozenset(),
+}
+
+
+class MembershipError(ValueError):
+    """An unknown backend or a transition the state machine does not allow."""
+
+
+@attrs.define
+class Member:
+    """One backend. ``static`` ones come from the config and send no heartbeats."""
+
+    name: str
+    address: IPAddress
+    transport: PluginConfig
+    vips: tuple[IPAddress, ...]
+    weight: int
+    static: bool
+    state: State = State.REGISTERING
+    since: float = 0.0
+    last_heartbeat: float | None = None
+    agent_healthy: bool = True
+    check_healthy: bool = True
+    drain_deadline: float | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.agent_healthy and self.check_healthy
+
+    @property
+    def in_selector(self) -> bool:
+        """Has a place in its VIPs' selectors (with weight 0 unless active)."""
+        return self.healthy and self.state in (State.ACTIVE, State.PAUSED, State.DRAINING)
+
+    @property
+    def effective_weight(self) -> int:
+        return self.weight if self.state is State.ACTIVE and self.healthy else 0
+
+
+@attrs.frozen
+class Transition:
+    """A state change, for the one log line each gets."""
+
+    name: str
+    old: State
+    new: State
+    reason: str
+
+
+class Membership:
+    """All backends by name, with the transitions allowed between their states."""
+
+    def __init__(self) -> None:
+        self._members: dict[str, Member] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._members
+
+    def get(self, name: str) -> Member:
+        try:
+            return self._members[name]
+        except KeyError:
+            raise MembershipError(f"no backend named {name!r}") from None
+
+    def members(self) -> list[Member]:
+        return sorted(self._members.values(), key=lambda m: m.name)
+
+    def add(self, member: Member, now: float) -> list[Transition]:
+        """Add (or replace, for a re-registration) a member. A replaced one goes first."""
+        changes = []
+        old = self._members.get(member.name)
+        if old is not None and old.state is not State.GONE:
+            changes.append(Transition(old.name, old.state, State.GONE, "replaced by a new registration"))
+        member.since = now
+        member.last_heartbeat = now
+        self._members[member.name] = member
+        return changes
+
+    def remove(self, name: str) -> None:
+        """Forget a gone member entirely."""
+        self._members.pop(name, None)
+
+    def transition(self, name: str, new: State, now: float, reason: str, *,
+                   drain_deadline: float | None = None) -> Transition | None:
+        """Move ``name`` to ``new``. Returns the transition, None if already there.
+
+        Raises :class:`MembershipError` for an unknown name or a disallowed move.
+        """
+        member = self.get(name)
+        if member.state is new:
+            return None
+        if new not in _ALLOWED[member.state]:
+            raise MembershipError(f"{name} is {member.state.value}; cannot become {new.value}")
+        change = Transition(name, member.state, new, reason)
+        member.state = new
+        member.since = now
+        member.drain_deadline = drain_deadline if new is State.DRAINING else None
+        return change
+
+    def heartbeat(self, name: str, now: float, healthy: bool) -> Transition | None:
+        """Record a heartbeat. Returns a pseudo-transition when the agent's health flips
+        (state unchanged, reason says healthy/unhealthy), else None."""
+        member = self.get(name)
+        member.last_heartbeat = now
+        if member.agent_healthy != healthy:
+            member.agent_healthy = healthy
+            return Transition(name, member.state, member.state,
+                              "agent reports healthy" if healthy else "agent reports unhealthy")
+        return None
+
+    def set_check_health(self, name: str, healthy: bool) -> Transition | None:
+        member = self.get(name)
+        if member.check_healthy == healthy:
+            return None
+        member.check_healthy = healthy
+        return Transition(name, member.state, member.state,
+                          "health checks pass" if healthy else "health checks fail")
+
+    def expire(self, now: float, heartbeat_timeout: float) -> list[Transition]:
+        """Members whose heartbeats stopped, or whose drain deadline passed, become gone."""
+        changes = []
+        for member in self._members.values():
+            if member.state is State.GONE:
+                continue
+            if (not member.static and member.state is not State.REGISTERING
+                    and member.last_heartbeat is not None
+                    and now - member.last_heartbeat > heartbeat_timeout):
+                change = self.transition(member.name, State.GONE, now,
+                                         f"no heartbeat for {heartbeat_timeout:g} s")
+            elif (member.state is State.DRAINING and member.drain_deadline is not None
+                    and now >= member.drain_deadline):
+                change = self.transition(member.name, State.GONE, now, "drain deadline passed")
+            else:
+                continue
+            if change is not None:
+                changes.append(change)
+        return changes
+
+    def weights(self, vip: IPAddress) -> dict[str, int]:
+        """Selector input for ``vip``: name -> effective weight, for members in the selector."""
+        return {m.name: m.effective_weight for m in self._members.values() if vip in m.vips and m.in_selector}
+
+    def for_vip(self, vip: IPAddress) -> Iterable[Member]:
+        return (m for m in self._members.values() if vip in m.vips)
