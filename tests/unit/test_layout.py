@@ -9,7 +9,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "caplance"
 PURE = ["caplance.packet", "caplance.bpf", "caplance.config", "caplance.strategies",
-        "caplance.strategies.maglev", "caplance.errors"]
+        "caplance.strategies.maglev", "caplance.strategies.ring", "caplance.strategies.rendezvous",
+        "caplance.errors", "caplance.control_codec", "caplance.membership"]
 FORBIDDEN = {"trio", "socket", "pyroute2", "pytun", "subprocess", "select", "selectors"}
 
 
