@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from caplance.agent import Agent
     from caplance.balancer import Balancer
 
-__all__ = ["FramedStream", "serve_agents", "run_agent_control", "Refused"]
+__all__ = ["FramedStream", "serve_agents", "run_agent_control", "Refused", "session_error"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,26 @@ class FramedStream:
         await self.stream.aclose()
 
 
+def session_error(raised: BaseException) -> Exception:
+    """The one error that ended a session, out of any exception groups around it.
+
+    Re-raises ``raised`` if it holds anything that is not an ``Exception`` (cancellation,
+    KeyboardInterrupt): those must keep propagating. A session's boundary handles what this
+    returns, so no peer can take the server down with it.
+    """
+    leaves: list[BaseException] = []
+    pending = [raised]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        else:
+            leaves.append(current)
+    if not all(isinstance(leaf, Exception) for leaf in leaves):
+        raise raised
+    return leaves[0]  # type: ignore[return-value]
+
+
 # -- the balancer's side -------------------------------------------------------------------
 
 
@@ -110,6 +130,7 @@ async def _balancer_session(balancer: Balancer, stream: trio.SocketStream) -> No
     framed = FramedStream(stream)
     member: Member | None = None
     counters = balancer.stats.control
+    handshaking = True
     try:
         async with stream:
             peer = stream.socket.getpeername()[0]
@@ -122,20 +143,27 @@ async def _balancer_session(balancer: Balancer, stream: trio.SocketStream) -> No
                 return
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 member = await _handshake(balancer, framed, secret.value)
+            handshaking = False
             if member is None:
                 return
             await _prove_data_path(balancer, framed, member)
             await _serve_member(balancer, framed, member)
-    except codec.ProtocolError as exc:
-        counters["protocol_" + exc.reason] += 1
-        log.warning("control connection closed: bad message", extra={"error": str(exc)})
-    except trio.TooSlowError:
-        counters["timeout"] += 1
-        log.warning("control connection closed: too slow")
-    except Refused as exc:
-        log.warning("control connection closed", extra={"reason": str(exc)})
-    except _LOST:
-        counters["connection_lost"] += 1
+    except BaseException as raised:
+        exc = session_error(raised)
+        if isinstance(exc, codec.ProtocolError):
+            counters["protocol_" + exc.reason] += 1
+            log.warning("control connection closed: bad message", extra={"error": str(exc)})
+        elif isinstance(exc, trio.TooSlowError):
+            counters["timeout"] += 1
+            log.warning("control connection closed: too slow")
+        elif isinstance(exc, Refused):
+            log.warning("control connection closed", extra={"reason": str(exc)})
+        elif isinstance(exc, _LOST):
+            # An agent that hangs up mid-handshake found our proof wrong: a secret mismatch.
+            counters["handshake_abandoned" if handshaking else "connection_lost"] += 1
+        else:
+            counters["internal_error"] += 1
+            log.error("control session failed", exc_info=exc)
     finally:
         if member is not None:
             balancer.sessions.pop(member.name, None)
@@ -271,14 +299,18 @@ async def run_agent_control(agent: Agent, probes: trio.MemoryReceiveChannel[str]
                 registered = await _register_and_serve(agent, FramedStream(stream), probes)
             if registered:
                 backoff = 0.2
-        except Refused as exc:
-            log.warning("balancer refused the registration", extra={"reason": str(exc)})
-        except codec.ProtocolError as exc:
-            log.warning("bad message from the balancer", extra={"error": str(exc)})
-        except trio.TooSlowError:
-            log.warning("balancer too slow; reconnecting")
-        except _LOST as exc:
-            log.info("control connection lost; reconnecting", extra={"error": str(exc)})
+        except BaseException as raised:
+            exc = session_error(raised)
+            if isinstance(exc, Refused):
+                log.warning("balancer refused the registration", extra={"reason": str(exc)})
+            elif isinstance(exc, codec.ProtocolError):
+                log.warning("bad message from the balancer", extra={"error": str(exc)})
+            elif isinstance(exc, trio.TooSlowError):
+                log.warning("balancer too slow; reconnecting")
+            elif isinstance(exc, _LOST):
+                log.info("control connection lost; reconnecting", extra={"error": str(exc)})
+            else:
+                log.error("control session failed; reconnecting", exc_info=exc)
         if agent.left:
             return
         await trio.sleep(backoff * random.uniform(0.5, 1.5))

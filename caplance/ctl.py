@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from caplance import control_codec as codec
-from caplance.control import FramedStream
+from caplance.control import FramedStream, session_error
 from caplance.errors import CaplanceError
 from caplance.membership import MembershipError, State
 from caplance.netops import NetOps
@@ -137,9 +137,10 @@ async def _ctl_session(balancer: Balancer, stream: trio.SocketStream) -> None:
                 except (CaplanceError, MembershipError, ValueError) as exc:
                     reply = codec.message("reply", ok=False, result=str(exc))
                 await framed.send(reply)
-        except (codec.ProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+        except BaseException as raised:
+            error = session_error(raised)
             balancer.stats.control["ctl_errors"] += 1
-            log.warning("ctl connection failed", extra={"error": str(exc)})
+            log.warning("ctl connection failed", extra={"error": repr(error)})
 
 
 async def send_command(path: str, command: str, args: list[Any]) -> Any:

@@ -27,8 +27,10 @@ async def _serve(name: str, port: int) -> None:
                 break
 
 
-async def _fetch(host: str, count: int, port: int, concurrency: int, timeout: float) -> None:
-    result = await fetch_many(host, count=count, port=port, concurrency=concurrency, timeout=timeout)
+async def _fetch(host: str, count: int, port: int, concurrency: int, timeout: float,
+                 rate: float | None) -> None:
+    result = await fetch_many(host, count=count, port=port, concurrency=concurrency,
+                              timeout=timeout, rate=rate)
     print(json.dumps({"attempts": [attrs.asdict(a) for a in result.attempts],
                       "served": result.served, "failures": result.failures}), flush=True)
 
@@ -45,11 +47,12 @@ def main() -> int:
     fetch.add_argument("--port", type=int, default=80)
     fetch.add_argument("--concurrency", type=int, default=16)
     fetch.add_argument("--timeout", type=float, default=5.0)
+    fetch.add_argument("--rate", type=float, help="start at most this many requests per second")
     args = parser.parse_args()
     if args.command == "http":
         trio.run(_serve, args.name, args.port)
     else:
-        trio.run(_fetch, args.host, args.count, args.port, args.concurrency, args.timeout)
+        trio.run(_fetch, args.host, args.count, args.port, args.concurrency, args.timeout, args.rate)
     return 0
 
 

@@ -88,10 +88,10 @@ async def _fetch_once(host: str, port: int, timeout: float) -> Attempt:
 
 
 async def fetch_many(host: str, *, count: int, port: int = 80, concurrency: int = 16,
-                     timeout: float = 5.0) -> FetchResult:
+                     timeout: float = 5.0, rate: float | None = None) -> FetchResult:
     """Make ``count`` HTTP requests to ``host``, each on a new TCP connection (so each from a
-    new ephemeral source port), ``concurrency`` at a time. Never raises for a failed request:
-    each becomes an :class:`Attempt` with its error."""
+    new ephemeral source port), ``concurrency`` at a time, starting at most ``rate`` per
+    second if given. Never raises for a failed request: each becomes an :class:`Attempt`."""
     attempts: list[Attempt] = []
     limit = trio.CapacityLimiter(concurrency)
 
@@ -102,6 +102,8 @@ async def fetch_many(host: str, *, count: int, port: int = 80, concurrency: int 
     async with trio.open_nursery() as nursery:
         for _ in range(count):
             nursery.start_soon(one)
+            if rate:
+                await trio.sleep(1 / rate)
     return FetchResult(attempts)
 
 

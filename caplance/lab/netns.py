@@ -166,12 +166,13 @@ class Lab:
         self._processes.append(process)
         return process
 
-    def start(self, role: str, *argv: str, timeout: float = 20) -> subprocess.Popen[bytes]:
+    def start(self, role: str, *argv: str, timeout: float = 20,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start ``argv`` in ``role`` and wait until it prints a line "ready" on stdout.
 
         Raises ``RuntimeError`` with its stderr if it exits or stays silent for ``timeout``
         seconds."""
-        process = self.spawn(role, *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process = self.spawn(role, *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         assert process.stdout is not None
         seen = b""
         fd = process.stdout.fileno()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -65,3 +67,68 @@ def expected_backend(lab: Lab, backends: Iterable[str], source_port: int, *, vip
     client = lab.hosts["client"].ipv4 if vip.version == 4 else lab.hosts["client"].ipv6
     key = Flow(client, vip, 6, source_port, 80).key()
     return Maglev.build({name: 1 for name in backends}).select(key)
+
+
+SECRET = "correct horse battery staple"
+
+
+def control_address(lab: Lab) -> str:
+    return f"{lab.hosts['lb'].ipv4}:7000"
+
+
+def secret_env(secret: str = SECRET) -> dict[str, str]:
+    return {**os.environ, "CAPLANCE_SECRET": secret}
+
+
+def start_dynamic_balancer(lab: Lab, **extra: Any) -> subprocess.Popen[bytes]:
+    """A balancer with no static backends, taking agents on its control address."""
+    config = balancer_config(lab, backends=())
+    config.update({"control": control_address(lab), "heartbeat_timeout": 2.0, "proof_timeout": 2.0})
+    config.update(extra)
+    path = lab.write_config("balancer", config)
+    return lab.start("lb", *CAPLANCE, "balancer", "--print-stats", "--config", path, env=secret_env())
+
+
+def start_agent(lab: Lab, name: str, *, secret: str = SECRET, http: bool = True,
+                **extra: Any) -> subprocess.Popen[bytes]:
+    """An agent that registers with the balancer (and, by default, the HTTP server)."""
+    config = {"name": name, "vips": [str(VIP4)], "balancer": control_address(lab),
+              "heartbeat_interval": 0.3, "drain_timeout": 1.0, **extra}
+    path = lab.write_config(name, config)
+    if http:  # the service first: once registered, the backend gets connections
+        lab.start(name, *LAB, "http", "--name", name)
+    return lab.start(name, *CAPLANCE, "agent", "--print-stats", "--config", path, env=secret_env(secret))
+
+
+def ctl(lab: Lab, *args: str) -> Any:
+    """Run ``caplance ctl --json ARGS`` on the balancer; the parsed result."""
+    done = lab.run("lb", *CAPLANCE, "ctl", "--socket", str(lab.workdir / "balancer.sock"), "--json", *args)
+    return json.loads(done.stdout)
+
+
+def states(lab: Lab) -> dict[str, str]:
+    """Backend name -> state, from ``caplance ctl status``."""
+    return {row["backend"]: row["state"] for row in ctl(lab, "status")["backends"]}
+
+
+def wait_for(predicate: Any, *, timeout: float = 15, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def fetch_in_background(lab: Lab, count: int, *, rate: float = 100, concurrency: int = 8,
+                        timeout: float = 2) -> subprocess.Popen[bytes]:
+    """Start the client's fetches, ``rate`` a second; collect with :func:`fetch_result`."""
+    return lab.spawn("client", *LAB, "fetch", "--host", str(VIP4), "--count", str(count),
+                     "--concurrency", str(concurrency), "--timeout", str(timeout), "--rate", str(rate),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def fetch_result(process: subprocess.Popen[bytes], *, timeout: float = 120) -> dict[str, Any]:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err.decode()[-2000:]
+    result: dict[str, Any] = json.loads(out.decode().splitlines()[-1])
+    return result
