@@ -10,6 +10,7 @@ demo: setup
 	$(VENV)/bin/python examples/simple_vip.py
 
 test: setup
+	$(VENV)/bin/mypy caplance
 	$(VENV)/bin/python -m pytest
 
 setup: debian-packages $(STAMP)

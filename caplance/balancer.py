@@ -96,10 +96,12 @@ class Balancer:
 
     Run it with ``await nursery.start(balancer.run)``: it returns once the VIPs are attached
     and packets flow. :meth:`stop` drains and detaches. ``listener`` overrides the one the
-    config names (for tests and embedding).
+    config names and ``transports`` (name -> transport) shadow plugins of those names, for
+    tests and embedding.
     """
 
-    def __init__(self, config: BalancerConfig, *, listener: Listener | None = None) -> None:
+    def __init__(self, config: BalancerConfig, *, listener: Listener | None = None,
+                 transports: Mapping[str, Transport] | None = None) -> None:
         self.config = config
         self.stats = BalancerStats()
         self.membership = Membership()
@@ -110,10 +112,12 @@ class Balancer:
         self._vips: dict[bytes, _Vip] = {}
         self._senders: dict[_SenderKey, PacketSender] = {}
         self._transports: dict[tuple[str, tuple[tuple[str, Any], ...]], Transport] = {}
+        self._transport_overrides = dict(transports or {})
         self._stop = trio.Event()
         self._admitting = True
         self._dirty: set[IPAddress] = set()
         self._dirty_event = trio.Event()
+        self._rebuilding = False
         self.rebuilds = 0
         #: registered agents' control sessions: name -> push a message to that agent
         self.sessions: dict[str, Callable[[dict[str, Any]], None]] = {}
@@ -253,9 +257,16 @@ class Balancer:
         vip = self._vip_configs[address]
         return plugins.build_selector(vip.selector.name, self.membership.weights(address), vip.selector.options)
 
+    @property
+    def rebuild_pending(self) -> bool:
+        """True while a membership change has not yet reached the data plane."""
+        return bool(self._dirty) or self._rebuilding
+
     async def _rebuilder(self) -> None:
         while True:
+            self._rebuilding = False
             await self._dirty_event.wait()
+            self._rebuilding = True
             self._dirty_event = trio.Event()
             dirty, self._dirty = self._dirty, set()
             for address in sorted(dirty, key=str):
@@ -286,6 +297,8 @@ class Balancer:
                     protocols=_vip_protocols(config), ports=frozenset(config.ports) or None)
 
     def transport(self, spec: PluginConfig) -> Transport:
+        if spec.name in self._transport_overrides:
+            return self._transport_overrides[spec.name]
         key = (spec.name, tuple(sorted(spec.options.items())))
         if key not in self._transports:
             self._transports[key] = plugins.make_transport(spec.name, spec.options)

@@ -1,4 +1,6 @@
-"""Public test helpers for plugin authors: the selector conformance check.
+"""Public test helpers for plugin authors: the selector conformance check, and in-memory
+fakes (a listener, a transport) to run a :class:`~caplance.balancer.Balancer` without a
+network.
 
 Run :func:`check_selector` on your selector class (or whatever your ``caplance.selectors``
 entry point names) in your own test suite::
@@ -37,7 +39,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final
 
-__all__ = ["SelectorConformanceError", "check_selector", "flow_keys"]
+__all__ = ["SelectorConformanceError", "check_selector", "flow_keys", "MemoryListener", "MemorySource",
+           "RecordingTransport"]
 
 #: Backends the check builds with: mixed weights, one non-ASCII name.
 _BACKENDS: Final[Mapping[str, int]] = MappingProxyType(
@@ -253,3 +256,80 @@ def _choices_in_child(factory: Any, backends: dict[str, int], options: dict[str,
     if not isinstance(result, list):
         raise fail(check, f"the child printed {result!r}, not a list")
     return [item if isinstance(item, str) else None for item in result]
+
+
+# -- in-memory fakes for the trio pieces --------------------------------------------------
+
+
+class MemorySource:
+    """A :class:`~caplance.interfaces.PacketSource` fed by :meth:`push`."""
+
+    def __init__(self) -> None:
+        import collections
+
+        import trio
+
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._event = trio.Event()
+        self._trio = trio
+
+    def push(self, packet: bytes) -> None:
+        self._queue.append(packet)
+        self._event.set()
+
+    def receive_nowait(self) -> bytes:
+        if not self._queue:
+            raise BlockingIOError
+        return self._queue.popleft()
+
+    async def wait_readable(self) -> None:
+        while not self._queue:
+            await self._event.wait()
+            self._event = self._trio.Event()
+        await self._trio.lowlevel.checkpoint()
+
+
+class MemoryListener:
+    """A :class:`~caplance.interfaces.Listener` that touches no network: push packets into
+    :attr:`source`; :attr:`vips` records what it was asked to attach."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.source = MemorySource()
+        self.vips: list[Any] = []
+
+    def open(self, vips: Sequence[Any], netops: Any) -> list[MemorySource]:
+        self.vips = list(vips)
+        return [self.source]
+
+
+class RecordingTransport:
+    """A :class:`~caplance.interfaces.Transport` whose senders record instead of sending:
+    :attr:`sent` holds ``(backend address, packet)`` in order."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, bytes]] = []
+
+    def overhead(self, outer_version: int) -> int:
+        return 0
+
+    def open_sender(self, backend: Any) -> _RecordingSender:
+        return _RecordingSender(self, backend)
+
+    def open_receiver(self, bind: Any, netops: Any) -> MemorySource:
+        return MemorySource()
+
+
+class _RecordingSender:
+    def __init__(self, transport: RecordingTransport, backend: Any) -> None:
+        self._transport = transport
+        self._backend = backend
+
+    def send(self, packet: bytes, key: bytes, /) -> None:
+        self._transport.sent.append((self._backend, packet))
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,222 @@
+"""The balancer's trio pieces with in-memory fakes: heartbeats, drains, health, rebuilds.
+
+Time-based behaviour runs on trio's MockClock (``autojump_clock``): no real sleeps.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from caplance import plugins
+from caplance.agent import Agent
+from caplance.balancer import Balancer
+from caplance.config import AgentConfig, BalancerConfig, HealthCheckConfig, PluginConfig, VipConfig
+from caplance.health import Tracker, run_health_checks
+from caplance.membership import Member, State
+from caplance.testing import MemoryListener, RecordingTransport
+
+VIP = ipaddress.ip_address("10.99.0.1")
+ADDRESSES = {name: ipaddress.ip_address(f"10.0.0.{n}") for n, name in enumerate(["a", "b", "c"], 1)}
+
+
+def packet(sport: int, flags: int = 0x10) -> bytes:
+    """A client -> VIP:80 TCP packet (checksums are not the balancer's business)."""
+    import struct
+
+    tcp = struct.pack("!HHIIBBHHH", sport, 80, 1, 0, 5 << 4, flags, 65535, 0, 0)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0,
+                         ipaddress.ip_address("192.0.2.9").packed, VIP.packed)
+    return header + tcp
+
+
+class Harness:
+    def __init__(self, balancer: Balancer, listener: MemoryListener, transport: RecordingTransport) -> None:
+        self.balancer = balancer
+        self.listener = listener
+        self.transport = transport
+
+    def join(self, name: str, weight: int = 1) -> None:
+        self.balancer.add_member(Member(name=name, address=ADDRESSES[name], transport=PluginConfig(name="udp"),
+                                        vips=(VIP,), weight=weight, static=False))
+        self.balancer.set_state(name, State.ACTIVE, "test")
+
+    async def settle(self) -> None:
+        """Let the rebuild task swap the new selector in. It builds in a real thread, and the
+        mock clock runs on meanwhile, so the members keep beating while we wait."""
+        while self.balancer.rebuild_pending:
+            for member in self.balancer.membership.members():
+                if member.state is not State.GONE:
+                    self.balancer.heartbeat(member.name, True)
+            await trio.sleep(0.01)
+
+    async def send(self, packets: list[bytes]) -> list[str]:
+        """Push packets through; the backends (by name) they went to."""
+        before = len(self.transport.sent)
+        for one in packets:
+            self.listener.source.push(one)
+        await trio.testing.wait_all_tasks_blocked()
+        names = {address: name for name, address in ADDRESSES.items()}
+        return [names[address] for address, _ in self.transport.sent[before:]]
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    config = BalancerConfig(vips=(VipConfig(address=VIP, ports=(80,)),), heartbeat_timeout=3.0,
+                            drain_timeout=5.0, drain_idle=0.5, control_socket=str(tmp_path / "ctl.sock"))
+    listener, transport = MemoryListener(), RecordingTransport()
+    balancer = Balancer(config, listener=listener, transports={"udp": transport})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(balancer.run)
+        yield Harness(balancer, listener, transport)
+        balancer.stop()
+
+
+async def test_a_silent_backend_is_removed_after_the_heartbeat_timeout(
+        harness: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    harness.join("a")
+    harness.join("b")
+    await harness.settle()
+    assert set(await harness.send([packet(p) for p in range(1000, 1100)])) == {"a", "b"}
+    start = trio.current_time()
+    gone_at = None
+    while trio.current_time() - start < 10:
+        await trio.sleep(0.5)
+        harness.balancer.heartbeat("a", True)  # only a keeps beating
+        if gone_at is None and harness.balancer.membership.get("b").state is State.GONE:
+            gone_at = trio.current_time() - start
+    assert gone_at is not None and 3.0 <= gone_at <= 3.0 + 0.75 + 0.5  # timeout + watchdog period
+    assert harness.balancer.membership.get("a").state is State.ACTIVE
+    await harness.settle()
+    assert set(await harness.send([packet(p) for p in range(1000, 1100)])) == {"a"}
+
+
+async def test_a_drain_ends_at_its_deadline(harness: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    harness.join("a")
+    harness.join("b")
+    harness.balancer.set_state("b", State.DRAINING, "test", drain_timeout=5.0)
+    start = trio.current_time()
+    while harness.balancer.membership.get("b").state is State.DRAINING:
+        await trio.sleep(0.1)
+        harness.balancer.heartbeat("a", True)
+        harness.balancer.heartbeat("b", True)
+    assert 5.0 <= trio.current_time() - start <= 5.0 + 0.75 + 0.1
+    assert harness.balancer.membership.get("b").state is State.GONE
+    await harness.settle()
+    assert set(await harness.send([packet(p) for p in range(2000, 2100)])) == {"a"}
+
+
+async def test_paused_backends_get_no_new_flows(harness: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    harness.join("a")
+    harness.join("b")
+    harness.balancer.set_state("a", State.PAUSED, "test")
+    await harness.settle()
+    assert set(await harness.send([packet(p) for p in range(3000, 3100)])) == {"b"}
+    harness.balancer.set_state("a", State.ACTIVE, "test")
+    await harness.settle()
+    assert set(await harness.send([packet(p) for p in range(3000, 3100)])) == {"a", "b"}
+
+
+def test_rise_and_fall_hysteresis() -> None:
+    tracker = Tracker(rise=2, fall=3)
+    results = [False, False, True, False, False, False, True, True]
+    flips = [tracker.record(r) for r in results]
+    assert flips == [None, None, None, None, None, False, None, True]
+
+
+async def test_active_checks_flip_health_after_fall_and_rise(
+        harness: Harness, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    harness.join("a")
+    answers = iter([True, False, False, False, True, True] + [True] * 100)
+    seen: list[tuple[float, bool]] = []
+
+    async def fake_check(address: object, config: object) -> bool:
+        return next(answers)
+
+    def record(name: str, healthy: bool) -> None:
+        seen.append((trio.current_time(), healthy))
+        Balancer.set_check_health(harness.balancer, name, healthy)
+
+    monkeypatch.setattr("caplance.health.check_once", fake_check)
+    monkeypatch.setattr(harness.balancer, "set_check_health", record)
+    config = HealthCheckConfig(port=80, interval=2.0, timeout=1.0, rise=2, fall=3)
+    async def keep_beating() -> None:
+        while True:
+            harness.balancer.heartbeat("a", True)
+            await trio.sleep(0.5)
+
+    start = trio.current_time()
+    with trio.move_on_after(13):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_beating)
+            nursery.start_soon(run_health_checks, harness.balancer, VIP, config)
+    times = [(round(at - start), healthy) for at, healthy in seen]
+    assert times == [(6, False), (10, True)]  # 3rd failure at t=6 s, 2nd pass at t=10 s
+
+
+async def test_rebuilds_happen_off_the_forwarding_path(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    harness.join("a")
+    await harness.settle()
+    real_build = plugins.build_selector
+
+    def slow_build(*args: object, **kwargs: object) -> object:
+        time.sleep(0.5)  # in the worker thread
+        return real_build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(plugins, "build_selector", slow_build)
+    rebuilds = harness.balancer.rebuilds
+    harness.join("b")
+    forwarded_during_build = 0
+    while harness.balancer.rebuilds == rebuilds:
+        forwarded_during_build += len(await harness.send([packet(p) for p in range(4000, 4010)]))
+        await trio.sleep(0.01)
+    assert forwarded_during_build >= 100  # packets kept flowing while the table was built
+    assert set(await harness.send([packet(p) for p in range(4000, 4100)])) == {"a", "b"}
+
+
+async def test_malformed_packets_are_counted_and_forwarding_continues(harness: Harness) -> None:
+    harness.join("a")
+    await harness.settle()
+    sent = await harness.send([b"", b"\x45\x00", b"\x60" + b"\x00" * 10, packet(5000), b"\xff" * 60])
+    assert sent == ["a"]
+    dropped = harness.balancer.stats.dropped
+    assert dropped["malformed_truncated"] == 3 and dropped["malformed_bad_version"] == 1
+
+
+async def test_stopping_drains_refuses_new_flows_and_detaches(tmp_path: Path) -> None:
+    config = BalancerConfig(vips=(VipConfig(address=VIP, ports=(80,)),), drain_timeout=5.0, drain_idle=0.3,
+                            control_socket=str(tmp_path / "ctl.sock"))
+    listener, transport = MemoryListener(), RecordingTransport()
+    balancer = Balancer(config, listener=listener, transports={"udp": transport})
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(balancer.run)
+            balancer.add_member(Member(name="a", address=ADDRESSES["a"], transport=PluginConfig(name="udp"),
+                                       vips=(VIP,), weight=1, static=False))
+            balancer.set_state("a", State.ACTIVE, "test")
+            await trio.sleep(0.1)
+            balancer.stop()
+            await trio.sleep(0.05)
+            listener.source.push(packet(6000, flags=0x02))  # a SYN: a new flow
+            listener.source.push(packet(6001, flags=0x10))  # an ACK of an existing one
+            await trio.testing.wait_all_tasks_blocked()
+    assert balancer.stats.dropped["draining"] == 1
+    assert len(transport.sent) == 1
+    assert not (tmp_path / "ctl.sock").exists()  # the ctl socket went with it
+
+
+async def test_agent_sigterm_asks_to_drain_then_deregisters(autojump_clock: trio.testing.MockClock) -> None:
+    agent = Agent(AgentConfig(name="a", vips=(VIP,), balancer="127.0.0.1:7000", drain_timeout=4.0))
+    requests = agent.requests()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent._leave)
+        start = trio.current_time()
+        assert await requests.receive() == "draining"
+        assert await requests.receive() == "deregister"
+        assert trio.current_time() - start == pytest.approx(4.0)
+
