@@ -172,6 +172,10 @@ class Agent:
                 inner = receive()
             except BlockingIOError:
                 return True
+            except MalformedPacket as exc:  # the transport could not unwrap it
+                stats.received += 1
+                dropped["malformed_" + exc.reason] += 1
+                continue
             stats.received += 1
             try:
                 key = flow_key(inner)

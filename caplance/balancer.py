@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,7 +36,9 @@ from caplance.packet import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     PORT_PROTOCOLS,
+    dont_fragment,
     flow_key,
+    icmp_too_big,
     is_new_tcp_flow,
 )
 from caplance.sockets import pump
@@ -45,6 +49,9 @@ log = logging.getLogger(__name__)
 
 #: Packets handled per drain before letting other tasks run (a trio checkpoint costs ~9 us).
 BATCH = 256
+#: ICMP "too big" answers: at most this many per second, in bursts of at most ICMP_BURST
+ICMP_RATE = 50.0
+ICMP_BURST = 50
 
 _SenderKey = tuple[str, tuple[tuple[str, Any], ...], IPAddress]
 
@@ -54,6 +61,10 @@ class BalancerStats:
     """Counters. ``dropped`` is keyed by reason; ``forwarded*`` by backend name."""
 
     packets_in: int = 0
+    #: oversized packets without DF, sent on in fragmented outer packets
+    outer_fragmented: int = 0
+    #: ICMP "fragmentation needed" / "packet too big" sent back to clients
+    icmp_too_big: int = 0
     forwarded: collections.Counter[str] = attrs.field(factory=collections.Counter)
     forwarded_bytes: collections.Counter[str] = attrs.field(factory=collections.Counter)
     dropped: collections.Counter[str] = attrs.field(factory=collections.Counter)
@@ -62,6 +73,8 @@ class BalancerStats:
     def snapshot(self) -> dict[str, Any]:
         return {
             "packets_in": self.packets_in,
+            "outer_fragmented": self.outer_fragmented,
+            "icmp_too_big": self.icmp_too_big,
             "forwarded": dict(self.forwarded),
             "forwarded_bytes": dict(self.forwarded_bytes),
             "dropped": dict(self.dropped),
@@ -75,7 +88,8 @@ class _Vip:
 
     config: VipConfig
     selector: Selector
-    senders: Mapping[str, Callable[[bytes, bytes], None]]
+    #: backend name -> (send, largest inner packet that fits the path MTU encapsulated)
+    senders: Mapping[str, tuple[Callable[[bytes, bytes], object], int]]
     protocols: frozenset[int] | None  # None: every protocol
     ports: frozenset[int] | None  # None: every port
 
@@ -115,6 +129,9 @@ class Balancer:
         self._transport_overrides = dict(transports or {})
         self._stop = trio.Event()
         self._admitting = True
+        self._icmp_sockets: dict[int, socket.socket] = {}
+        self._icmp_tokens = float(ICMP_BURST)
+        self._icmp_refilled = time.monotonic()
         self._dirty: set[IPAddress] = set()
         self._dirty_event = trio.Event()
         self._rebuilding = False
@@ -155,9 +172,10 @@ class Balancer:
 
         netops = NetOps()
         try:
-            for address in self._vip_configs:
-                self._vips[address.packed] = self._build_vip(address, self._build_selector(address))
+            for address in self._vip_configs:  # static backends: a sender that fails is fatal
+                self._vips[address.packed] = self._build_vip(address, self._build_selector(address), strict=True)
             self._close_unused_senders()
+            self._open_icmp_sockets(netops)
             sources = self._listener.open(list(self._vip_configs), netops)
             log.info("balancer attached", extra={"vips": [str(v) for v in self._vip_configs],
                                                  "listener": self._listener.name})
@@ -284,14 +302,17 @@ class Balancer:
                 log.info("selector rebuilt", extra={"vip": str(address), "backends": weights})
             self._close_unused_senders()
 
-    def _build_vip(self, address: IPAddress, selector: Selector) -> _Vip:
+    def _build_vip(self, address: IPAddress, selector: Selector, *, strict: bool = False) -> _Vip:
         config = self._vip_configs[address]
-        senders: dict[str, Callable[[bytes, bytes], None]] = {}
+        senders: dict[str, tuple[Callable[[bytes, bytes], object], int]] = {}
         for member in self.membership.for_vip(address):
             if member.in_selector:
                 try:
-                    senders[member.name] = self.sender(member.transport, member.address).send
+                    sender = self.sender(member.transport, member.address)
+                    senders[member.name] = (sender.send, sender.max_packet)
                 except CaplanceError as exc:
+                    if strict:
+                        raise
                     log.error("cannot open sender", extra={"backend": member.name, "error": str(exc)})
         return _Vip(config=config, selector=selector, senders=senders,
                     protocols=_vip_protocols(config), ports=frozenset(config.ports) or None)
@@ -318,6 +339,40 @@ class Balancer:
             self._senders.pop(key).close()
 
     # -- data plane ------------------------------------------------------------------------
+
+    def _answer_too_big(self, packet: bytes, limit: int) -> None:
+        """Tell the client the packet does not fit (rate limited: a token bucket of
+        :data:`ICMP_RATE` per second, :data:`ICMP_BURST` deep)."""
+        now = time.monotonic()
+        self._icmp_tokens = min(ICMP_BURST, self._icmp_tokens + (now - self._icmp_refilled) * ICMP_RATE)
+        self._icmp_refilled = now
+        if self._icmp_tokens < 1:
+            self.stats.dropped["icmp_rate_limited"] += 1
+            return
+        self._icmp_tokens -= 1
+        sock = self._icmp_sockets.get(packet[0] >> 4)
+        try:
+            reply = icmp_too_big(packet, limit)
+            if sock is None:
+                raise OSError("no raw socket for ICMP")
+            sock.sendto(reply, (socket.inet_ntop(sock.family, reply[16:20] if packet[0] >> 4 == 4
+                                                 else reply[24:40]), 0))
+        except (OSError, MalformedPacket) as exc:
+            self.stats.dropped["icmp_send_failed"] += 1
+            log.debug("cannot send ICMP too big", extra={"error": str(exc)})
+            return
+        self.stats.icmp_too_big += 1
+
+    def _open_icmp_sockets(self, netops: NetOps) -> None:
+        for version, family in ((4, socket.AF_INET), (6, socket.AF_INET6)):
+            try:
+                sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            except OSError as exc:
+                log.warning("no raw socket for ICMP errors", extra={"version": version, "error": str(exc)})
+                continue
+            sock.setblocking(False)
+            netops.push_undo(f"close ICMPv{version} socket", sock.close)
+            self._icmp_sockets[version] = sock
 
     def _receive_error(self, exc: OSError) -> None:
         self.stats.dropped["receive_error"] += 1
@@ -364,10 +419,17 @@ class Balancer:
             if name is None:
                 dropped["no_backend"] += 1
                 continue
-            send = vip.senders.get(name)
-            if send is None:  # chosen by a selector built just before its backend left
+            target = vip.senders.get(name)
+            if target is None:  # chosen by a selector built just before its backend left
                 dropped["no_sender"] += 1
                 continue
+            send, limit = target
+            if len(packet) > limit:
+                if dont_fragment(packet):
+                    dropped["too_big"] += 1
+                    self._answer_too_big(packet, limit)
+                    continue
+                stats.outer_fragmented += 1  # the sender allowed it: the kernel fragments
             try:
                 send(packet, key)
             except BlockingIOError:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from caplance.packet import IPAddress
 
-__all__ = ["vip_filter"]
+__all__ = ["vip_filter", "reject_all"]
 
 # Opcodes (linux/filter.h)
 _LD_W_ABS = 0x20
@@ -99,3 +99,9 @@ def _assemble(code: list[tuple[int, str | None, str | None, int] | str]) -> byte
         out.append(struct.pack("HBBI", opcode, jt, jf, k & 0xFFFFFFFF))
         position += 1
     return b"".join(out)
+
+
+def reject_all() -> bytes:
+    """A program that accepts nothing: for send-only raw sockets, which would otherwise get
+    a copy of every packet of their protocol."""
+    return _assemble([(_RET_K, None, None, 0)])

@@ -153,15 +153,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ctl":
             return _ctl(args)
         raise AssertionError(args.command)
-    except ConfigError as exc:
+    except BaseExceptionGroup as group:  # a service's nursery wraps what stopped it
+        return _report(args, _first_leaf(group))
+    except CaplanceError as exc:
+        return _report(args, exc)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error inside trio's exception groups; re-raise unless it is a CaplanceError."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+        leaf = leaf.exceptions[0]
+    if not isinstance(leaf, CaplanceError):
+        raise group
+    return leaf
+
+
+def _report(args: argparse.Namespace, exc: BaseException) -> int:
+    """Print a CaplanceError as the CLI does: no traceback; exit 2 for config, 1 otherwise."""
+    if isinstance(exc, ConfigError):
         source = getattr(args, "config", None) or getattr(args, "file", "")
         print(f"caplance: invalid configuration {source}:", file=sys.stderr)
         for path, message in exc.problems:
             print(f"  @ {path}: {message}", file=sys.stderr)
         return 2
-    except CaplanceError as exc:
-        print(f"caplance: {exc}", file=sys.stderr)
-        return 1
+    print(f"caplance: {exc}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

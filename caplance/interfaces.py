@@ -38,7 +38,10 @@ class SelectorFactory(Protocol):
 class PacketSender(Protocol):
     """Sends whole inner IP packets to one backend, encapsulated."""
 
-    def send(self, packet: bytes, key: bytes, /) -> None:
+    #: the largest inner packet (bytes) that fits the path MTU once encapsulated
+    max_packet: int
+
+    def send(self, packet: bytes, key: bytes, /) -> object:
         """Encapsulate and send ``packet`` (``key`` is its flow key, for transports that spread
         flows over source ports). Raises ``BlockingIOError`` when the socket buffer is full
         (the caller counts a drop) or ``OSError`` on a send failure. Never blocks."""
@@ -65,7 +68,16 @@ class Transport(Protocol):
     name: str
 
     def overhead(self, outer_version: int) -> int:
-        """Bytes the encapsulation adds to an inner packet, with an IPv4 or IPv6 outer header."""
+        """Bytes the encapsulation adds to an inner packet, outer IPv4 or IPv6 header included."""
+        ...
+
+    def encapsulate(self, packet: bytes, key: bytes, /) -> bytes:
+        """What follows the outer IP header on the wire for ``packet`` (pure)."""
+        ...
+
+    def decapsulate(self, data: bytes, /) -> bytes:
+        """The inner packet of what follows the outer IP header; raises
+        :class:`~caplance.errors.MalformedPacket` for anything else (pure)."""
         ...
 
     def open_sender(self, backend: IPAddress) -> PacketSender:
@@ -73,7 +85,8 @@ class Transport(Protocol):
         ...
 
     def open_receiver(self, bind: IPAddress, netops: NetOps) -> PacketSource:
-        """An agent-side source yielding decapsulated inner packets received on ``bind``."""
+        """An agent-side source yielding decapsulated inner packets received on ``bind``;
+        its ``receive_nowait`` may raise ``MalformedPacket`` for junk (counted, skipped)."""
         ...
 
 

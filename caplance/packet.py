@@ -45,6 +45,8 @@ __all__ = [
     "internet_checksum",
     "is_new_tcp_flow",
     "udp_packet",
+    "icmp_too_big",
+    "dont_fragment",
     "parse_flow",
     "segment_tcp",
 ]
@@ -318,6 +320,39 @@ def udp_packet(src: IPAddress, dst: IPAddress, sport: int, dport: int, payload: 
     checksum = internet_checksum(pseudo + udp) or 0xFFFF
     struct.pack_into("!H", udp, 6, checksum)
     return bytes(header + udp)
+
+
+def dont_fragment(packet: bytes) -> bool:
+    """True if routers may not fragment ``packet``: IPv4 with DF set, or any IPv6 packet."""
+    return packet[0] >> 4 == 6 or bool(packet[6] & 0x40)
+
+
+_IPV4_QUOTE = 548  # ICMP error <= 576 bytes (RFC 1812 4.3.2.3)
+_IPV6_QUOTE = 1280 - 48  # ICMPv6 error <= the minimum MTU (RFC 4443 2.4)
+
+
+def icmp_too_big(packet: bytes, mtu: int) -> bytes:
+    """The ICMP "fragmentation needed" (IPv4, type 3 code 4) or ICMPv6 "packet too big"
+    (type 2) telling the sender of ``packet`` that ``mtu`` bytes fit. It comes from the
+    packet's destination (the VIP) and quotes as much of the packet as the RFCs allow.
+    Raises :class:`MalformedPacket` if ``packet`` is not a plain IPv4/IPv6 packet."""
+    if len(packet) < 20:
+        raise MalformedPacket("truncated", "too short to answer")
+    if packet[0] >> 4 == 4:
+        src, dst = packet[16:20], packet[12:16]
+        body = bytearray(struct.pack("!BBHHH", 3, 4, 0, 0, min(mtu, 0xFFFF)) + packet[:_IPV4_QUOTE])
+        struct.pack_into("!H", body, 2, internet_checksum(body))
+        header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 0, 0, 64,
+                                       IPPROTO_ICMP, 0, src, dst))
+        struct.pack_into("!H", header, 10, internet_checksum(header))
+        return bytes(header + body)
+    if packet[0] >> 4 != 6 or len(packet) < 40:
+        raise MalformedPacket("bad_version", "not an IPv4 or IPv6 packet")
+    src6, dst6 = bytes(packet[24:40]), bytes(packet[8:24])
+    body6 = bytearray(struct.pack("!BBHI", 2, 0, 0, max(mtu, 1280)) + packet[:_IPV6_QUOTE])
+    pseudo = src6 + dst6 + struct.pack("!IxxxB", len(body6), IPPROTO_ICMPV6)
+    struct.pack_into("!H", body6, 2, internet_checksum(pseudo + body6))
+    return struct.pack("!IHBB16s16s", 0x60000000, len(body6), IPPROTO_ICMPV6, 64, src6, dst6) + bytes(body6)
 
 
 def has_partial_checksum(packet: bytes) -> bool:

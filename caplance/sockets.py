@@ -113,3 +113,28 @@ def attach_filter(sock: socket.socket, program: bytes) -> None:
             sock.recv(65535)
         except BlockingIOError:
             return
+
+
+_IP_MTU = 14
+_IPV6_MTU = 24
+_IP_MTU_DISCOVER = 10
+_IP_PMTUDISC_DONT = 0
+
+
+def path_mtu(sock: socket.socket) -> int:
+    """The path MTU the kernel knows for a connected socket's destination (bytes, outer IP
+    header included); 1500 if it cannot say."""
+    try:
+        if sock.family == socket.AF_INET6:
+            return int(sock.getsockopt(socket.IPPROTO_IPV6, _IPV6_MTU))
+        return int(sock.getsockopt(socket.IPPROTO_IP, _IP_MTU))
+    except OSError:
+        return 1500
+
+
+def allow_fragmentation(sock: socket.socket) -> None:
+    """Let the kernel fragment this IPv4 socket's oversized packets (no DF on the outer
+    header). The balancer itself answers oversized inner packets that carry DF with ICMP,
+    so only packets whose sender allowed fragmentation get here oversized."""
+    if sock.family == socket.AF_INET:
+        sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DONT)

@@ -40,7 +40,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 __all__ = ["SelectorConformanceError", "check_selector", "flow_keys", "MemoryListener", "MemorySource",
-           "RecordingTransport"]
+           "RecordingTransport", "TransportConformanceError", "check_transport"]
 
 #: Backends the check builds with: mixed weights, one non-ASCII name.
 _BACKENDS: Final[Mapping[str, int]] = MappingProxyType(
@@ -310,11 +310,18 @@ class RecordingTransport:
 
     name = "recording"
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_packet: int = 65535) -> None:
         self.sent: list[tuple[Any, bytes]] = []
+        self.max_packet = max_packet
 
     def overhead(self, outer_version: int) -> int:
         return 0
+
+    def encapsulate(self, packet: bytes, key: bytes) -> bytes:
+        return packet
+
+    def decapsulate(self, data: bytes) -> bytes:
+        return data
 
     def open_sender(self, backend: Any) -> _RecordingSender:
         return _RecordingSender(self, backend)
@@ -327,9 +334,97 @@ class _RecordingSender:
     def __init__(self, transport: RecordingTransport, backend: Any) -> None:
         self._transport = transport
         self._backend = backend
+        self.max_packet = transport.max_packet
 
     def send(self, packet: bytes, key: bytes, /) -> None:
         self._transport.sent.append((self._backend, packet))
 
     def close(self) -> None:
         pass
+
+
+# -- the transport conformance check -------------------------------------------------------
+
+
+class TransportConformanceError(AssertionError):
+    """A transport broke the contract. ``check`` names the check, ``problem`` says how."""
+
+    def __init__(self, transport: str, check: str, problem: str) -> None:
+        self.transport = transport
+        self.check = check
+        self.problem = problem
+        super().__init__(f"transport {transport} fails {check!r}: {problem}")
+
+
+def _sample_packets() -> list[tuple[bytes, bytes]]:
+    """(packet, flow key) pairs: IPv4 and IPv6 UDP packets, tiny to jumbo."""
+    import ipaddress
+
+    from caplance.packet import flow_key, udp_packet
+
+    pairs = []
+    for src, dst in (("192.0.2.7", "198.51.100.1"), ("2001:db8::7", "2001:db8:1::1")):
+        for size in (0, 1, 100, 1400, 9000):
+            packet = udp_packet(ipaddress.ip_address(src), ipaddress.ip_address(dst), 40000 + size, 53,
+                                bytes(range(256)) * (size // 256) + bytes(size % 256))
+            pairs.append((packet, flow_key(packet)))
+    return pairs
+
+
+def check_transport(factory: Any, *, options: Mapping[str, Any] | None = None, fuzz: int = 2000) -> None:
+    """Check that ``factory(**options)`` (a transport class, or whatever your
+    ``caplance.transports`` entry point names) meets the transport contract; return None
+    if it does.
+
+    It checks, without touching the network: ``name`` is a non-empty string; ``overhead``
+    (4 and 6) matches what ``encapsulate`` adds plus the outer IP header; ``decapsulate``
+    undoes ``encapsulate`` for IPv4 and IPv6 packets of many sizes; ``decapsulate`` of junk
+    (random bytes, and every truncation and a byte flip of real encapsulations) returns bytes
+    or raises :class:`~caplance.errors.MalformedPacket` -- nothing else; ``open_sender`` and
+    ``open_receiver`` exist. Raises :class:`TransportConformanceError` naming what failed.
+    """
+    from caplance.encapsulation import OUTER_IP
+    from caplance.errors import MalformedPacket
+
+    transport = factory(**dict(options or {}))
+    label = _describe(factory)
+
+    def fail(check: str, problem: str) -> None:
+        raise TransportConformanceError(label, check, problem)
+
+    if not isinstance(getattr(transport, "name", None), str) or not transport.name:
+        fail("name", f"name must be a non-empty string, got {getattr(transport, 'name', None)!r}")
+    for method in ("open_sender", "open_receiver", "encapsulate", "decapsulate", "overhead"):
+        if not callable(getattr(transport, method, None)):
+            fail("interface", f"no {method}()")
+    samples = _sample_packets()
+    for packet, key in samples:
+        version = packet[0] >> 4
+        try:
+            wire = transport.encapsulate(packet, key)
+            back = transport.decapsulate(wire)
+        except Exception as exc:  # noqa: BLE001 - report, whatever it is
+            fail("round trip", f"IPv{version} packet of {len(packet)} bytes: {exc!r}")
+        if bytes(back) != packet:
+            fail("round trip", f"IPv{version} packet of {len(packet)} bytes came back changed")
+        for outer in (4, 6):
+            expected = len(wire) - len(packet) + OUTER_IP[outer]
+            if transport.overhead(outer) != expected:
+                fail("overhead", f"overhead({outer}) is {transport.overhead(outer)}, encapsulation adds {expected}")
+    rng = random.Random(_KEY_SEED)
+    junk = [rng.randbytes(rng.randrange(0, 80)) for _ in range(fuzz)]
+    for packet, key in samples[:3] + samples[5:8]:
+        wire = transport.encapsulate(packet, key)
+        junk += [wire[:cut] for cut in range(len(wire))]
+        flipped = bytearray(wire)
+        flipped[rng.randrange(len(wire))] ^= 0xFF
+        junk.append(bytes(flipped))
+    for data in junk:
+        try:
+            result = transport.decapsulate(data)
+        except MalformedPacket:
+            continue
+        except Exception as exc:  # noqa: BLE001
+            fail("junk", f"decapsulate({data[:16]!r}...) raised {exc!r}, not MalformedPacket")
+        if not isinstance(result, (bytes, bytearray, memoryview)):
+            fail("junk", f"decapsulate returned {type(result).__name__}, not bytes")

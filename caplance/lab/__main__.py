@@ -28,9 +28,9 @@ async def _serve(name: str, port: int) -> None:
 
 
 async def _fetch(host: str, count: int, port: int, concurrency: int, timeout: float,
-                 rate: float | None) -> None:
+                 rate: float | None, body: int) -> None:
     result = await fetch_many(host, count=count, port=port, concurrency=concurrency,
-                              timeout=timeout, rate=rate)
+                              timeout=timeout, rate=rate, body=body)
     print(json.dumps({"attempts": [attrs.asdict(a) for a in result.attempts],
                       "served": result.served, "failures": result.failures}), flush=True)
 
@@ -48,11 +48,12 @@ def main() -> int:
     fetch.add_argument("--concurrency", type=int, default=16)
     fetch.add_argument("--timeout", type=float, default=5.0)
     fetch.add_argument("--rate", type=float, help="start at most this many requests per second")
+    fetch.add_argument("--body", type=int, default=0, help="POST this many bytes instead of a GET")
     args = parser.parse_args()
     if args.command == "http":
         trio.run(_serve, args.name, args.port)
     else:
-        trio.run(_fetch, args.host, args.count, args.port, args.concurrency, args.timeout, args.rate)
+        trio.run(_fetch, args.host, args.count, args.port, args.concurrency, args.timeout, args.rate, args.body)
     return 0
 
 

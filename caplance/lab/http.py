@@ -11,6 +11,7 @@ import trio
 __all__ = ["Attempt", "FetchResult", "fetch_many", "format_served", "serve_name"]
 
 _MAX_REQUEST = 8192
+_MAX_BODY = 16 * 1024 * 1024
 
 
 async def serve_name(name: str, *, port: int = 80,
@@ -24,12 +25,23 @@ async def serve_name(name: str, *, port: int = 80,
 
     async def handle(stream: trio.SocketStream) -> None:
         request = b""
-        with trio.move_on_after(5):
+        with trio.move_on_after(10):
             while b"\r\n\r\n" not in request and len(request) < _MAX_REQUEST:
                 chunk = await stream.receive_some(4096)
                 if not chunk:
                     break
                 request += chunk
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length" and value.strip().isdigit():
+                    length = min(int(value), _MAX_BODY)
+            while len(body) < length:  # a POST: read it all before answering
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                body += chunk
             await stream.send_all(response)
         await stream.aclose()
 
@@ -61,7 +73,7 @@ class FetchResult:
         return [f"port {a.source_port}: {a.error}" for a in self.attempts if a.served_by is None]
 
 
-async def _fetch_once(host: str, port: int, timeout: float) -> Attempt:
+async def _fetch_once(host: str, port: int, timeout: float, body: int = 0) -> Attempt:
     family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
     sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
     source_port = 0
@@ -73,7 +85,11 @@ async def _fetch_once(host: str, port: int, timeout: float) -> Attempt:
             await sock.connect((host, port))
             stream = trio.SocketStream(sock)
             async with stream:
-                await stream.send_all(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+                if body:
+                    await stream.send_all(f"POST / HTTP/1.0\r\nHost: {host}\r\nContent-Length: {body}"
+                                          "\r\n\r\n".encode() + b"x" * body)
+                else:
+                    await stream.send_all(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
                 reply = b""
                 while chunk := await stream.receive_some(4096):
                     reply += chunk
@@ -81,23 +97,24 @@ async def _fetch_once(host: str, port: int, timeout: float) -> Attempt:
         return Attempt(source_port, None, repr(exc))
     finally:
         sock.close()
-    head, _, body = reply.partition(b"\r\n\r\n")
+    head, _, answer = reply.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.0 200"):
         return Attempt(source_port, None, f"unexpected reply {head[:40]!r}")
-    return Attempt(source_port, body.decode(errors="replace"))
+    return Attempt(source_port, answer.decode(errors="replace"))
 
 
 async def fetch_many(host: str, *, count: int, port: int = 80, concurrency: int = 16,
-                     timeout: float = 5.0, rate: float | None = None) -> FetchResult:
+                     timeout: float = 5.0, rate: float | None = None, body: int = 0) -> FetchResult:
     """Make ``count`` HTTP requests to ``host``, each on a new TCP connection (so each from a
     new ephemeral source port), ``concurrency`` at a time, starting at most ``rate`` per
-    second if given. Never raises for a failed request: each becomes an :class:`Attempt`."""
+    second if given; with ``body`` bytes, as POSTs. Never raises for a failed request: each
+    becomes an :class:`Attempt`."""
     attempts: list[Attempt] = []
     limit = trio.CapacityLimiter(concurrency)
 
     async def one() -> None:
         async with limit:
-            attempts.append(await _fetch_once(host, port, timeout))
+            attempts.append(await _fetch_once(host, port, timeout, body))
 
     async with trio.open_nursery() as nursery:
         for _ in range(count):

@@ -1,58 +1,75 @@
-"""UDP encapsulation: the whole inner IP packet is the payload of one UDP datagram.
+"""``udp``: the whole inner IP packet is the payload of one UDP datagram.
 
-The original Go Caplance's choice: no header of our own, nothing to parse, any host can
-receive it with a plain UDP socket. It needs the Caplance agent on the backend to inject the
-inner packet into the local stack. Overhead: 28 bytes over IPv4 (IP 20 + UDP 8), 48 over IPv6.
+The original Go Caplance's choice: no header of our own, any host can receive it with a plain
+UDP socket. It needs the Caplance agent on the backend to inject the inner packet. Overhead:
+28 bytes over IPv4 (IP 20 + UDP 8), 48 over IPv6. Default port 7001.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Final
 
+from caplance.encapsulation import OUTER_IP, flow_source_port, udp_decapsulate, udp_encapsulate
 from caplance.netops import IPAddress, NetOps
-from caplance.sockets import SocketSource, family_of, open_socket
+from caplance.sockets import SocketSource, allow_fragmentation, family_of, open_socket, path_mtu
 
-__all__ = ["DEFAULT_PORT", "UdpTransport"]
+__all__ = ["DEFAULT_PORT", "UdpTransport", "SocketSender", "DatagramReceiver", "check_port_option"]
 
 DEFAULT_PORT: Final = 7001
 
 
-class UdpSender:
-    """A connected, non-blocking UDP socket to one backend."""
+def check_port_option(transport: str, port: object) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"{transport}: port must be an int from 1 to 65535, got {port!r}")
+    return port
 
-    def __init__(self, sock: socket.socket) -> None:
+
+class SocketSender:
+    """A sender over one connected, non-blocking socket; ``frame`` turns (packet, key) into
+    the bytes the socket sends (None: the packet as it is). ``max_packet`` is the largest
+    inner packet that fits the path MTU once encapsulated."""
+
+    def __init__(self, sock: socket.socket, overhead: int,
+                 frame: Callable[[bytes, bytes], bytes] | None = None) -> None:
         self._sock = sock
-        self._send = sock.send
-
-    def send(self, packet: bytes, key: bytes, /) -> None:
-        self._send(packet)
+        self.max_packet = path_mtu(sock) - overhead
+        send = sock.send
+        if frame is None:
+            self.send: Callable[[bytes, bytes], object] = lambda packet, key: send(packet)
+        else:
+            self.send = lambda packet, key: send(frame(packet, key))
 
     def close(self) -> None:
         self._sock.close()
 
 
-class UdpReceiver(SocketSource):
-    """The agent's side: each datagram's payload is one inner packet.
+class DatagramReceiver(SocketSource):
+    """The agent's side of a UDP-based transport: one inner packet per datagram, after
+    ``unwrap`` (which raises ``MalformedPacket`` for junk; counted in ``malformed``).
 
     With ``allowed`` sources, datagrams from any other address are dropped (counted in
     ``refused``): only the balancers may put packets into this host's stack.
     """
 
-    def __init__(self, sock: socket.socket, allowed: frozenset[str]) -> None:
+    def __init__(self, sock: socket.socket, allowed: frozenset[str],
+                 unwrap: Callable[[bytes], bytes] | None = None) -> None:
         super().__init__(sock)
         self.refused = 0
-        if allowed:
-            recvfrom = sock.recvfrom
+        recvfrom = sock.recvfrom
+        if not allowed and unwrap is None:
+            return  # the plain socket recv: no Python frame per packet
 
-            def receive_nowait() -> bytes:
-                while True:
-                    data, source = recvfrom(65535)
-                    if source[0] in allowed:
-                        return data
+        def receive_nowait() -> bytes:
+            while True:
+                data, source = recvfrom(65535)
+                if allowed and source[0] not in allowed:
                     self.refused += 1
+                    continue
+                return data if unwrap is None else unwrap(data)
 
-            self.receive_nowait = receive_nowait
+        self.receive_nowait = receive_nowait
 
 
 class UdpTransport:
@@ -61,25 +78,26 @@ class UdpTransport:
     name = "udp"
 
     def __init__(self, *, port: int = DEFAULT_PORT, allowed_sources: frozenset[str] = frozenset()) -> None:
-        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-            raise ValueError(f"udp: port must be an int from 1 to 65535, got {port!r}")
-        self.port = port
+        self.port = check_port_option(self.name, port)
         self.allowed_sources = allowed_sources
 
     def overhead(self, outer_version: int) -> int:
-        return 28 if outer_version == 4 else 48
+        return OUTER_IP[outer_version] + 8
 
-    def open_sender(self, backend: IPAddress) -> UdpSender:
-        sock = open_socket(
-            family_of(backend), socket.SOCK_DGRAM, what="UDP transport socket",
-            connect=(str(backend), self.port),
-        )
-        return UdpSender(sock)
+    def encapsulate(self, packet: bytes, key: bytes) -> bytes:
+        return udp_encapsulate(packet, flow_source_port(key), self.port)
 
-    def open_receiver(self, bind: IPAddress, netops: NetOps) -> UdpReceiver:
-        sock = open_socket(
-            family_of(bind), socket.SOCK_DGRAM, what="UDP transport receiver",
-            bind=(str(bind), self.port),
-        )
+    def decapsulate(self, data: bytes) -> bytes:
+        return udp_decapsulate(data)
+
+    def open_sender(self, backend: IPAddress) -> SocketSender:
+        sock = open_socket(family_of(backend), socket.SOCK_DGRAM, what="UDP transport socket",
+                           connect=(str(backend), self.port))
+        allow_fragmentation(sock)
+        return SocketSender(sock, self.overhead(backend.version))
+
+    def open_receiver(self, bind: IPAddress, netops: NetOps) -> DatagramReceiver:
+        sock = open_socket(family_of(bind), socket.SOCK_DGRAM, what="UDP transport receiver",
+                           bind=(str(bind), self.port))
         netops.push_undo(f"close UDP receiver {bind}:{self.port}", sock.close)
-        return UdpReceiver(sock, self.allowed_sources)
+        return DatagramReceiver(sock, self.allowed_sources)

@@ -21,7 +21,8 @@ LAB = [sys.executable, "-m", "caplance.lab"]
 
 
 def balancer_config(lab: Lab, *, listener: str = "tun", vips: Iterable[ipaddress._BaseAddress] = (VIP4,),
-                    backends: Iterable[str] = ("be1", "be2", "be3"), **extra: Any) -> dict[str, Any]:
+                    backends: Iterable[str] = ("be1", "be2", "be3"),
+                    transports: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
     listener_table: dict[str, Any] = {"kind": listener}
     if listener == "packet":
         listener_table["interface"] = "eth0"
@@ -31,7 +32,8 @@ def balancer_config(lab: Lab, *, listener: str = "tun", vips: Iterable[ipaddress
         "drain_idle": 0.2,
         "vips": [
             {"address": str(vip), "protocol": "tcp", "ports": [80],
-             "backends": [{"name": name, "address": str(lab.hosts[name].ipv4)} for name in backends]}
+             "backends": [{"name": name, "address": str(lab.hosts[name].ipv4),
+                           "transport": {"name": (transports or {}).get(name, "udp")}} for name in backends]}
             for vip in vips
         ],
         **extra,
@@ -55,9 +57,9 @@ def start_backend(lab: Lab, name: str, **agent: Any) -> tuple[subprocess.Popen[b
             lab.start(name, *LAB, "http", "--name", name))
 
 
-def fetch(lab: Lab, count: int, *, host: str = str(VIP4), timeout: float = 5) -> dict[str, Any]:
+def fetch(lab: Lab, count: int, *, host: str = str(VIP4), timeout: float = 5, body: int = 0) -> dict[str, Any]:
     done = lab.run("client", *LAB, "fetch", "--host", host, "--count", str(count),
-                   "--timeout", str(timeout))
+                   "--timeout", str(timeout), "--body", str(body))
     result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
     return result
 
