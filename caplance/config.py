@@ -8,8 +8,13 @@ upper case, path parts joined by ``__`` and list items by their index::
     CAPLANCE_LISTENER__KIND=raw            -> [listener] kind = "raw"
     CAPLANCE_VIPS__0__PORTS=[80, 443]      -> vips[0].ports = [80, 443]
 
-Values are read as TOML values (``5``, ``"x"``, ``[80, 443]``, ``true``); anything that is not
-valid TOML is taken as a string. The shared secret comes only from ``CAPLANCE_SECRET`` or the
+Values are read as TOML values (``5``, ``"x"``, ``[80, 443]``, ``true``, ``{ seed = 7 }``);
+anything that is not valid TOML is taken as a string, and so is any value for a field that
+is written as a string (names, addresses, ``kind``): ``CAPLANCE_LISTENER__DEVICE=1234`` names
+the device ``"1234"``. Each path is checked against the config classes (an unknown key is an
+error naming the variable); a table the file lacks starts from the field's default, and an
+item number one past the end of a list appends an item. Keys below a plugin's ``options``
+are free (and lower case). The shared secret comes only from ``CAPLANCE_SECRET`` or the
 file named by ``secret_file`` -- never from the TOML file itself -- and is never printed.
 
 :func:`load_balancer_config` / :func:`load_agent_config` raise
@@ -19,6 +24,7 @@ file named by ``secret_file`` -- never from the TOML file itself -- and is never
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -30,6 +36,8 @@ from typing import Any, Literal, NewType, TypeVar
 
 import attrs
 import cattrs
+import cattrs.gen
+from cattrs.cols import homogenous_tuple_structure_factory
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from caplance.errors import ConfigError
@@ -429,6 +437,43 @@ _LITERAL: Any = Literal
 converter.register_structure_hook_func(lambda t: typing.get_origin(t) is _LITERAL, _literal)
 converter.register_structure_hook(Secret, _reject_secret)
 converter.register_structure_hook_func(lambda t: t == Mapping[str, Any], _options)
+
+
+def _is_table(kind: Any) -> bool:
+    """A config class (a TOML table), not one of the classes written as a plain value."""
+    return attrs.has(kind) and kind not in (Endpoint, Secret)
+
+
+def _is_list(kind: Any) -> bool:
+    """A ``tuple[X, ...]`` field: a TOML array."""
+    origin: Any = typing.get_origin(kind)
+    return origin is tuple
+
+
+def _table_hook(kind: Any, conv: cattrs.BaseConverter) -> Callable[[Any, Any], Any]:
+    inner = cattrs.gen.make_dict_structure_fn(kind, conv)
+
+    def structure_table(value: object, cls: Any) -> Any:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"expected a table, got {_got(value)}")
+        return inner(value, cls)
+
+    return structure_table
+
+
+def _list_hook(kind: Any, conv: cattrs.BaseConverter) -> Callable[[Any, Any], Any]:
+    inner = homogenous_tuple_structure_factory(kind, conv)
+
+    def structure_list(value: object, cls: Any) -> Any:
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+            raise ValueError(f"expected a list, got {_got(value)}")
+        return inner(value, cls)
+
+    return structure_list
+
+
+converter.register_structure_hook_factory(_is_table, _table_hook)
+converter.register_structure_hook_factory(_is_list, _list_hook)
 for _kind in (ipaddress.IPv4Address, ipaddress.IPv6Address, ipaddress.IPv4Network, ipaddress.IPv6Network, Endpoint):
     converter.register_unstructure_hook(_kind, str)
 converter.register_unstructure_hook(Secret, lambda _: "***")
@@ -473,10 +518,10 @@ def structure(data: Mapping[str, Any], cls: type[T], *, sources: Mapping[str, st
 
 
 def _with_source(path: str, sources: Mapping[str, str]) -> str:
-    for prefix, variable in sources.items():
-        if path == prefix or path.startswith(prefix + ".") or path.startswith(prefix + "["):
-            return f"{path} (from {variable})"
-    return path
+    """``path`` with the variable that set it, or the nearest table or list above it."""
+    found = [(len(prefix), variable) for prefix, variable in sources.items()
+             if path == prefix or path.startswith((prefix + ".", prefix + "["))]
+    return f"{path} (from {max(found)[1]})" if found else path
 
 
 def unstructure(config: Any) -> dict[str, Any]:
@@ -502,12 +547,92 @@ def _parse_env_value(text: str) -> Any:
         return text
 
 
-def apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Overlay ``CAPLANCE_*`` variables on ``data``. Returns the new data and, per path set,
-    the variable that set it. ``CAPLANCE_SECRET`` is left to :func:`resolve_secret`.
+_FACTORY: Any = attrs.Factory(dict).__class__
+#: The schema below a plugin's ``options``: any keys, any values.
+_FREE: Any = object()
+_NONE = type(None)
 
-    Raises :class:`ConfigError` for a variable whose path does not fit the data (an index
-    past the end of a list, a key under a plain value).
+
+def _optional_inner(kind: Any) -> Any:
+    """``X`` for ``X | None``; anything else unchanged."""
+    args = typing.get_args(kind)
+    if _NONE in args:
+        rest = [arg for arg in args if arg is not _NONE]
+        if len(rest) == 1:
+            return rest[0]
+    return kind
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_text(kind: Any) -> bool:
+    """Whether a value of ``kind`` is written as a TOML string."""
+    kind = _optional_inner(kind)
+    while hasattr(kind, "__supertype__"):  # a NewType
+        kind = kind.__supertype__
+    if typing.get_origin(kind) is _LITERAL:
+        return all(isinstance(choice, str) for choice in typing.get_args(kind))
+    return kind is str or kind is Endpoint or kind == IPAddress or kind == IPNetwork
+
+
+def _schema_child(kind: Any, part: str, target: Any) -> tuple[Any, int | str]:
+    """The type found at ``part`` below a value of ``kind``, and the key to use there.
+
+    Raises ``ValueError`` when ``part`` does not fit ``kind``.
+    """
+    if kind is _FREE:
+        return _FREE, int(part) if part.isdigit() and isinstance(target, list) else part
+    kind = _optional_inner(kind)
+    if _is_table(kind):
+        fields = attrs.fields_dict(kind)
+        if part not in fields:
+            raise ValueError(f"unknown key {_got(part)} (keys here: {', '.join(fields)})")
+        return _hints(kind)[part], part
+    if _is_list(kind):
+        if not part.isdigit():
+            raise ValueError(f"a list takes item numbers (0, 1, ...), not {_got(part)}")
+        return typing.get_args(kind)[0], int(part)
+    if kind == Mapping[str, Any]:
+        return _FREE, part
+    raise ValueError("a single value has no keys or items below it")
+
+
+def _new_container(parent: Any, key: int | str, kind: Any, following: str) -> Any:
+    """What a missing table or list at ``key`` starts as: the field's default, as data
+    (so ``CAPLANCE_TRANSPORT__OPTIONS__PORT`` keeps the default transport's name)."""
+    if kind is _FREE:
+        return [] if following.isdigit() else {}
+    inner = _optional_inner(kind)
+    empty: Any = [] if _is_list(inner) else {}
+    parent_kind = _optional_inner(parent)
+    if isinstance(key, int) or not _is_table(parent_kind):
+        return empty
+    default: Any = attrs.fields_dict(parent_kind)[key].default
+    if isinstance(default, _FACTORY):
+        default = default.factory()
+    if default is attrs.NOTHING or default is None:
+        return empty
+    return json.loads(json.dumps(converter.unstructure(default)))
+
+
+def apply_environment(data: Mapping[str, Any], environ: Mapping[str, str], *,
+                      cls: type | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Overlay ``CAPLANCE_*`` variables on ``data`` (not changed; the result is a copy).
+
+    Returns the new data and, per path a variable set (or a table or list item it had to
+    create), the variable. ``CAPLANCE_SECRET`` is left to :func:`resolve_secret`.
+
+    With ``cls`` (the config class ``data`` is for) each path is checked against the
+    classes' fields, a table the file lacks starts from the field's default, and a value
+    for a string field that is not a TOML string is the variable's text as is
+    (``CAPLANCE_LISTENER__DEVICE=1234`` is the name ``"1234"``, not a number). Values are
+    otherwise read as TOML values, or taken as text when they are not valid TOML.
+
+    Raises :class:`ConfigError` listing every variable whose path does not fit: an unknown
+    key, an item number past the end of a list, a key below a plain value.
     """
     result: dict[str, Any] = json.loads(json.dumps(data, default=str))  # a deep copy
     sources: dict[str, str] = {}
@@ -517,31 +642,43 @@ def apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> tuple
             continue
         parts = [part.lower() for part in variable[len(ENV_PREFIX):].split("__")]
         if not all(parts):
-            problems.append((f"({variable})", "empty path part: use single words joined by __"))
+            problems.append((f"$ (from {variable})", "empty path part: use single words joined by __"))
             continue
         target: Any = result
+        kind: Any = cls if cls is not None else _FREE
         path = "$"
+        created: list[str] = []
         try:
-            for part, following in zip(parts, parts[1:] + [None]):
-                key: int | str = int(part) if part.isdigit() else part
+            for depth, part in enumerate(parts):
+                parent = kind
+                kind, key = _schema_child(kind, part, target)
                 path += f"[{key}]" if isinstance(key, int) else f".{key}"
-                if following is None:
-                    _assign(target, key, _parse_env_value(environ[variable]))
-                else:
-                    if isinstance(key, int):
-                        if not isinstance(target, list) or key > len(target):
-                            raise ValueError(f"no list item {key} to set")
-                        if key == len(target):
-                            target.append({})
-                        target = target[key]
-                    else:
-                        if not isinstance(target, dict):
-                            raise ValueError("not a table")
-                        target = target.setdefault(key, [] if (following or "").isdigit() else {})
+                if depth == len(parts) - 1:
+                    text = environ[variable]
+                    value = _parse_env_value(text)
+                    _assign(target, key, text if _is_text(kind) and not isinstance(value, str) else value)
+                    break
+                if isinstance(key, int):
+                    if not isinstance(target, list):
+                        raise ValueError(f"cannot set item {key} in {_got(target)}, which is not a list")
+                    if key > len(target):
+                        raise ValueError(f"no list item {key}: the list has {len(target)};"
+                                         f" add items in order ({len(target)} next)")
+                    if key == len(target):
+                        target.append(_new_container(parent, key, kind, parts[depth + 1]))
+                        created.append(path)
+                elif not isinstance(target, dict):
+                    raise ValueError(f"cannot set {_got(key)} in {_got(target)}, which is not a table")
+                elif key not in target:
+                    target[key] = _new_container(parent, key, kind, parts[depth + 1])
+                    created.append(path)
+                target = target[key]
         except ValueError as exc:
             problems.append((f"{path} (from {variable})", str(exc)))
             continue
         sources[path] = variable
+        for made in created:
+            sources.setdefault(made, variable)
     if problems:
         raise ConfigError(problems)
     return result, sources
@@ -549,8 +686,11 @@ def apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> tuple
 
 def _assign(target: Any, key: int | str, value: Any) -> None:
     if isinstance(key, int):
-        if not isinstance(target, list) or key > len(target):
-            raise ValueError(f"no list item {key} to set")
+        if not isinstance(target, list):
+            raise ValueError(f"cannot set item {key} in {_got(target)}, which is not a list")
+        if key > len(target):
+            raise ValueError(f"no list item {key}: the list has {len(target)};"
+                             f" add items in order ({len(target)} next)")
         if key == len(target):
             target.append(value)
         else:
@@ -558,7 +698,7 @@ def _assign(target: Any, key: int | str, value: Any) -> None:
     elif isinstance(target, dict):
         target[key] = value
     else:
-        raise ValueError("not a table")
+        raise ValueError(f"cannot set {_got(key)} in {_got(target)}, which is not a table")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -590,7 +730,7 @@ def resolve_secret(secret_file: str | None, environ: Mapping[str, str]) -> Secre
 def load(path: str | Path, cls: type[T], environ: Mapping[str, str] | None = None) -> T:
     """Read ``path``, overlay the environment, build and validate ``cls``, attach the secret."""
     environ = os.environ if environ is None else environ
-    data, sources = apply_environment(read_toml(path), environ)
+    data, sources = apply_environment(read_toml(path), environ, cls=cls)
     config = structure(data, cls, sources=sources)
     if attrs.has(cls) and "secret" in attrs.fields_dict(cls):
         secret = resolve_secret(getattr(config, "secret_file", None), environ)
