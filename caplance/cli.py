@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -18,10 +19,10 @@ import tomli_w
 import trio
 
 from caplance import plugins
-from caplance.config import AgentConfig, BalancerConfig, load, read_toml, unstructure
+from caplance.config import SECRET_ENV, AgentConfig, BalancerConfig, load, read_toml, unstructure
 from caplance.errors import CaplanceError, ConfigError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main", "show"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -81,11 +82,29 @@ def _run_service(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> int:
     kind = {"balancer": BalancerConfig, "agent": AgentConfig}.get(args.kind) or config_kind(args.file)
     config = load_checked(args.file, kind)
+    role = kind.__name__.removesuffix("Config").lower()
     if args.action == "check":
-        print(f"{args.file}: valid {kind.__name__.removesuffix('Config').lower()} configuration")
+        print(f"{args.file}: valid {role} configuration")
     else:
-        print(tomli_w.dumps(unstructure(config)), end="")
+        print(show(config, args.file, role), end="")
     return 0
+
+
+def show(config: BalancerConfig | AgentConfig, source: str, role: str) -> str:
+    """The effective configuration as TOML that loads back to the same ``config``.
+
+    The secret is never printed: a comment says whether one is set and where from.
+    """
+    data = unstructure(config)
+    data.pop("secret", None)
+    if config.secret is None:
+        secret = "# secret: none (set CAPLANCE_SECRET or secret_file)"
+    elif os.environ.get(SECRET_ENV):
+        secret = f'# secret = "***"  (from {SECRET_ENV}; never shown)'
+    else:
+        secret = f'# secret = "***"  (from secret_file {config.secret_file}; never shown)'
+    header = f"# {role} configuration from {source}, environment applied\n{secret}\n\n"
+    return header + tomli_w.dumps(data)
 
 
 def _ctl(args: argparse.Namespace) -> int:
@@ -104,13 +123,34 @@ def _ctl(args: argparse.Namespace) -> int:
     return 0
 
 
+_EPILOG = """\
+Configuration: one TOML file per balancer or agent. Every key can be overridden by an
+environment variable, CAPLANCE_ + the key's path in upper case joined by __ (list items by
+their number): CAPLANCE_LISTENER__KIND=raw, CAPLANCE_VIPS__0__PORTS='[80, 443]'. The shared
+secret comes only from CAPLANCE_SECRET or the file named by secret_file.
+
+Exit codes: 0 success; 1 a runtime error (one line on stderr, no traceback); 2 an invalid
+configuration (every problem listed as "@ $.path: message") or command line."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="caplance", description="Caplance: a layer-4 load balancer on trio.")
+    """The ``caplance`` argument parser (the docs' CLI reference is generated from it)."""
+    parser = argparse.ArgumentParser(prog="caplance", description="Caplance: a layer-4 load balancer on trio.",
+                                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log verbosity (structured lines on stderr)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, what in (("balancer", "run a balancer"), ("agent", "run a backend agent")):
-        command = commands.add_parser(name, help=what, description=what)
+    for name, what, description in (
+        ("balancer", "run a balancer",
+         ("Run a balancer: attach the VIPs, forward their packets to the backends, serve agents and"
+         " caplance ctl. Prints 'ready' on stdout once packets flow. SIGTERM or SIGINT: drain, then"
+         " remove every address, route, rule and device it made.")),
+        ("agent", "run a backend agent",
+         ("Run a backend agent: put the VIPs on the loopback, receive encapsulated packets and inject"
+         " them; with a balancer address, register and send heartbeats. Prints 'ready' on stdout."
+         " SIGTERM or SIGINT: drain, deregister, undo every change.")),
+    ):
+        command = commands.add_parser(name, help=what, description=description)
         command.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
         command.add_argument("--print-stats", action="store_true",
                              help="print the counters as JSON on stdout when stopping")
@@ -128,15 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("name", metavar="NAME")
         if action == "drain":
             sub.add_argument("--timeout", type=float, help="seconds (default: the balancer's drain_timeout)")
-    config = commands.add_parser("config", help="check or show a configuration",
-                                 description="Validate a configuration without starting anything.")
+    config = commands.add_parser(
+        "config", help="check or show a configuration",
+        description="Validate a configuration without starting anything: the file, the CAPLANCE_*"
+                    " environment variables and the options of every selector and transport it names."
+                    " Invalid: every problem is listed on stderr and the exit code is 2.")
     actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, what in (("check", "validate FILE (and the plugins' options)"),
-                         ("show", "print the effective configuration (environment applied, secret masked)")):
-        sub = actions.add_parser(action, help=what, description=what)
-        sub.add_argument("file", metavar="FILE")
+    for action, what in (
+        ("check", "validate FILE, with the environment applied and the plugins' options checked"),
+        ("show", ("print the effective configuration as TOML (environment applied, defaults filled"
+                 " in, the secret never shown)")),
+    ):
+        sub = actions.add_parser(action, help=what, description=what[0].upper() + what[1:] + ".")
+        sub.add_argument("file", metavar="FILE", help="TOML configuration file")
         sub.add_argument("--kind", choices=["balancer", "agent"],
-                         help="default: agent if FILE has a top-level name, else balancer")
+                         help="what FILE configures (default: agent if FILE has a top-level name,"
+                              " else balancer)")
     return parser
 
 

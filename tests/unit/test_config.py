@@ -97,8 +97,8 @@ def test_every_problem_is_listed_with_its_path_and_value() -> None:
     ({**MINIMAL, "allowed_networks": ["10.0.0.0/33"]}, "$.allowed_networks[0]",
      'expected an IP network such as "10.0.0.0/8", got "10.0.0.0/33"'),
     ({**MINIMAL, "secret": "hunter2"}, "$.secret",
-     "secrets may not be written in a config file; put it in a file named by secret_file,"
-     " or in CAPLANCE_SECRET"),
+     ("secrets may not be written in a config file; put it in a file named by secret_file,"
+     " or in CAPLANCE_SECRET")),
     ({**MINIMAL, "conntrack": {"enabled": "yes"}}, "$.conntrack.enabled", 'expected true or false, got "yes"'),
     ({**MINIMAL, "control_socket": 5}, "$.control_socket", "expected a string, got 5"),
     ({**MINIMAL, "vips": [{"address": "10.99.0.1", "health": {"port": 80, "rise": 0}}]},
@@ -232,9 +232,9 @@ def test_a_missing_table_starts_from_the_fields_default() -> None:
 
 @pytest.mark.parametrize(("variables", "path", "message"), [
     ({"CAPLANCE_LISTENR__KIND": "raw"}, "$ (from CAPLANCE_LISTENR__KIND)",
-     'unknown key "listenr" (keys here: vips, listener, conntrack, control, control_socket,'
+     ('unknown key "listenr" (keys here: vips, listener, conntrack, control, control_socket,'
      " metrics, secret_file, secret, allowed_networks, heartbeat_timeout, proof_timeout,"
-     " drain_timeout, drain_idle)"),
+     " drain_timeout, drain_idle)")),
     ({"CAPLANCE_LISTENER__KINDX": "raw"}, "$.listener (from CAPLANCE_LISTENER__KINDX)",
      'unknown key "kindx" (keys here: kind, interface, device)'),
     ({"CAPLANCE_DRAIN_TIMEOUT__X": "1"}, "$.drain_timeout (from CAPLANCE_DRAIN_TIMEOUT__X)",
