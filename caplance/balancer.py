@@ -25,6 +25,7 @@ import trio
 from caplance import control_codec as codec
 from caplance import plugins
 from caplance.config import BalancerConfig, PluginConfig, VipConfig
+from caplance.conntrack import FlowTable
 from caplance.errors import CaplanceError, MalformedPacket
 from caplance.interfaces import Listener, PacketSender, Selector, Transport
 from caplance.listeners import make_listener
@@ -40,6 +41,7 @@ from caplance.packet import (
     flow_key,
     icmp_too_big,
     is_new_tcp_flow,
+    tcp_flags,
 )
 from caplance.sockets import pump
 
@@ -69,9 +71,11 @@ class BalancerStats:
     forwarded_bytes: collections.Counter[str] = attrs.field(factory=collections.Counter)
     dropped: collections.Counter[str] = attrs.field(factory=collections.Counter)
     control: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    flows: FlowTable | None = None
 
     def snapshot(self) -> dict[str, Any]:
         return {
+            "conntrack": self.flows.snapshot() if self.flows is not None else None,
             "packets_in": self.packets_in,
             "outer_fragmented": self.outer_fragmented,
             "icmp_too_big": self.icmp_too_big,
@@ -129,6 +133,13 @@ class Balancer:
         self._transport_overrides = dict(transports or {})
         self._stop = trio.Event()
         self._admitting = True
+        conntrack = config.conntrack
+        #: the flow table; None when connection tracking is off
+        self.flows = FlowTable(
+            max_flows=conntrack.max_flows, tcp_timeout=conntrack.tcp_timeout,
+            closing_timeout=conntrack.tcp_closing_timeout, other_timeout=conntrack.udp_timeout,
+        ) if conntrack.enabled else None
+        self.stats.flows = self.flows
         self._icmp_sockets: dict[int, socket.socket] = {}
         self._icmp_tokens = float(ICMP_BURST)
         self._icmp_refilled = time.monotonic()
@@ -183,6 +194,8 @@ class Balancer:
                 for source in sources:
                     nursery.start_soon(pump, source, self._drain, self._receive_error)
                 nursery.start_soon(self._rebuilder)
+                if self.flows is not None:
+                    nursery.start_soon(self._expire_flows, self.flows)
                 nursery.start_soon(self._watchdog)
                 for vip in self.config.vips:
                     if vip.health is not None:
@@ -249,8 +262,8 @@ class Balancer:
             self.log_transition(self.membership.set_check_health(name, healthy))
 
     def status_extra(self) -> dict[str, Any]:
-        """More for ``caplance ctl status`` (the flow table's counters, when it is on)."""
-        return {}
+        """More for ``caplance ctl status``: the flow table's counters, when it is on."""
+        return {"conntrack": self.flows.snapshot() if self.flows is not None else "off"}
 
     def vip_members(self, address: IPAddress) -> list[Member]:
         return [m for m in self.membership.for_vip(address) if m.state is not State.GONE]
@@ -260,6 +273,12 @@ class Balancer:
             return self._vip_configs[address]
         except KeyError:
             raise CaplanceError(f"{address} is not a VIP of this balancer") from None
+
+    @staticmethod
+    async def _expire_flows(flows: FlowTable) -> None:
+        while True:
+            await trio.sleep(1.0)
+            flows.expire(trio.current_time())
 
     async def _watchdog(self) -> None:
         """Expire silent backends and finished drains; forget gone ones after a while."""
@@ -386,6 +405,8 @@ class Balancer:
         dropped = stats.dropped
         vips = self._vips
         admitting = self._admitting
+        table = self.flows
+        now = trio.current_time()
         for _ in range(BATCH):
             try:
                 packet = receive()
@@ -412,10 +433,24 @@ class Balancer:
                 if port and port not in vip.ports:  # port 0: a fragment, keyed without ports
                     dropped["port_not_served"] += 1
                     continue
-            if not admitting and is_new_tcp_flow(packet):
-                dropped["draining"] += 1
-                continue
-            name = vip.selector.select(key)
+            if table is None:
+                if not admitting and is_new_tcp_flow(packet):
+                    dropped["draining"] += 1
+                    continue
+                name = vip.selector.select(key)
+            else:
+                name = table.lookup(key, tcp_flags(packet) if proto == IPPROTO_TCP else None, now)
+                if name is None:
+                    if not admitting:
+                        dropped["draining"] += 1
+                        continue
+                    name = vip.selector.select(key)
+                    if name is not None:
+                        table.insert(key, name, now)
+                elif name not in vip.senders:  # its backend failed or left: the flow re-hashes
+                    name = vip.selector.select(key)
+                    if name is not None:
+                        table.reassign(key, name)
             if name is None:
                 dropped["no_backend"] += 1
                 continue

@@ -44,6 +44,7 @@ __all__ = [
     "flow_key",
     "internet_checksum",
     "is_new_tcp_flow",
+    "tcp_flags",
     "udp_packet",
     "icmp_too_big",
     "dont_fragment",
@@ -163,6 +164,27 @@ def is_new_tcp_flow(packet: bytes) -> bool:
     except IndexError:
         return False
     return flags & 0x12 == 0x02
+
+
+def tcp_flags(packet: bytes) -> int:
+    """The TCP flags byte of a TCP packet (IPv4, or IPv6 with extension headers stepped
+    over); 0x10 (a plain ACK) where it cannot be read, as in non-first fragments. Never raises."""
+    try:
+        if packet[0] >> 4 == 4:
+            if packet[6] & 0x1F or packet[7]:
+                return 0x10
+            return packet[(packet[0] & 0x0F) * 4 + 13]
+        proto, offset = packet[6], 40
+        for _ in range(_IPV6_MAX_EXT):
+            if proto in _IPV6_EXT_8:
+                proto, offset = packet[offset], offset + (packet[offset + 1] + 1) * 8
+            elif proto == _IPV6_AH:
+                proto, offset = packet[offset], offset + (packet[offset + 1] + 2) * 4
+            else:
+                break
+        return packet[offset + 13] if proto == IPPROTO_TCP else 0x10
+    except IndexError:
+        return 0x10
 
 
 def _ipv4_key(packet: bytes, *, inner: bool) -> bytes:

@@ -163,6 +163,6 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except KeyboardInterrupt:
+    except* KeyboardInterrupt:  # trio may deliver it inside an exception group
         print("interrupted; the lab has been removed", file=sys.stderr)
         sys.exit(130)

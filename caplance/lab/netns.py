@@ -121,7 +121,15 @@ class Lab:
         self._created.append(name)
 
     def destroy(self) -> None:
-        """Stop every process in the lab's namespaces and delete them. Never raises."""
+        """Stop every process in the lab's namespaces and delete them. Never raises; a
+        second Ctrl-C while it runs is ignored, so it always finishes."""
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self._destroy()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _destroy(self) -> None:
         for process in self._processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -143,7 +151,10 @@ class Lab:
                     os.kill(int(pid), signal.SIGKILL)
                 except (ProcessLookupError, ValueError):
                     pass
-            _run(["ip", "netns", "del", name], check=False)
+            for _ in range(3):
+                if _run(["ip", "netns", "del", name], check=False).returncode == 0:
+                    break
+                time.sleep(0.2)
         self._created.clear()
         shutil.rmtree(self.workdir, ignore_errors=True)
 

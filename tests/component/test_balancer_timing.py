@@ -9,6 +9,7 @@ import ipaddress
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -47,12 +48,8 @@ class Harness:
         self.balancer.set_state(name, State.ACTIVE, "test")
 
     async def settle(self) -> None:
-        """Let the rebuild task swap the new selector in. It builds in a real thread, and the
-        mock clock runs on meanwhile, so the members keep beating while we wait."""
+        """Let the rebuild task swap the new selector in."""
         while self.balancer.rebuild_pending:
-            for member in self.balancer.membership.members():
-                if member.state is not State.GONE:
-                    self.balancer.heartbeat(member.name, True)
             await trio.sleep(0.01)
 
     async def send(self, packets: list[bytes]) -> list[str]:
@@ -66,7 +63,26 @@ class Harness:
 
 
 @pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+async def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
+    """A running balancer whose selector rebuilds run inline: with the mock clock, a wait
+    for a real worker thread would let virtual time race ahead (expiring flows, heartbeats)."""
+    async def inline(function: Any, *args: Any, **kwargs: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return function(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+    async for made in _harness(tmp_path):
+        yield made
+
+
+@pytest.fixture
+async def threaded_harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    """A running balancer with real worker-thread rebuilds (use the real clock with it)."""
+    async for made in _harness(tmp_path):
+        yield made
+
+
+async def _harness(tmp_path: Path) -> AsyncIterator[Harness]:
     config = BalancerConfig(vips=(VipConfig(address=VIP, ports=(80,)),), heartbeat_timeout=3.0,
                             drain_timeout=5.0, drain_idle=0.5, control_socket=str(tmp_path / "ctl.sock"))
     listener, transport = MemoryListener(), RecordingTransport()
@@ -119,7 +135,21 @@ async def test_paused_backends_get_no_new_flows(harness: Harness, autojump_clock
     assert set(await harness.send([packet(p) for p in range(3000, 3100)])) == {"b"}
     harness.balancer.set_state("a", State.ACTIVE, "test")
     await harness.settle()
-    assert set(await harness.send([packet(p) for p in range(3000, 3100)])) == {"a", "b"}
+    # flows that started while a was paused stay on b; new flows use a again
+    assert set(await harness.send([packet(p) for p in range(3000, 3100)])) == {"b"}
+    assert set(await harness.send([packet(p) for p in range(3100, 3200)])) == {"a", "b"}
+
+
+async def test_a_paused_backend_keeps_its_established_flows(
+        harness: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    harness.join("a")
+    harness.join("b")
+    await harness.settle()
+    before = await harness.send([packet(p) for p in range(7000, 7100)])
+    harness.balancer.set_state("a", State.PAUSED, "test")
+    await harness.settle()
+    assert await harness.send([packet(p) for p in range(7000, 7100)]) == before  # unmoved
+    assert set(await harness.send([packet(p) for p in range(7100, 7200)])) == {"b"}  # new flows
 
 
 def test_rise_and_fall_hysteresis() -> None:
@@ -159,7 +189,9 @@ async def test_active_checks_flip_health_after_fall_and_rise(
     assert times == [(6, False), (10, True)]  # 3rd failure at t=6 s, 2nd pass at t=10 s
 
 
-async def test_rebuilds_happen_off_the_forwarding_path(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_rebuilds_happen_off_the_forwarding_path(threaded_harness: Harness,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    harness = threaded_harness
     harness.join("a")
     await harness.settle()
     real_build = plugins.build_selector
@@ -200,13 +232,16 @@ async def test_stopping_drains_refuses_new_flows_and_detaches(tmp_path: Path) ->
                                        vips=(VIP,), weight=1, static=False))
             balancer.set_state("a", State.ACTIVE, "test")
             await trio.sleep(0.1)
+            listener.source.push(packet(6001, flags=0x02))  # flow 6001 starts before the stop
+            listener.source.push(packet(6001, flags=0x10))
+            await trio.testing.wait_all_tasks_blocked()
             balancer.stop()
             await trio.sleep(0.05)
             listener.source.push(packet(6000, flags=0x02))  # a SYN: a new flow
             listener.source.push(packet(6001, flags=0x10))  # an ACK of an existing one
             await trio.testing.wait_all_tasks_blocked()
     assert balancer.stats.dropped["draining"] == 1
-    assert len(transport.sent) == 1
+    assert len(transport.sent) == 3  # flow 6001's three packets; not the new flow's SYN
     assert not (tmp_path / "ctl.sock").exists()  # the ctl socket went with it
 
 
