@@ -11,6 +11,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/mypy caplance
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 	$(VENV)/bin/python -m pytest
 
 setup: debian-packages $(STAMP)
@@ -27,7 +28,7 @@ debian-packages:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test,bench,dev]'
+	$(VENV)/bin/pip install -q -e '.[test,bench,dev,docs]'
 	touch $(STAMP)
 
 lint: setup

@@ -315,9 +315,9 @@ class BalancerConfig:
         metadata=_doc('agents\' control channel, "address:port"; none = static backends only'),
     )
     control_socket: str = attrs.field(default="/run/caplance/balancer.sock", metadata=_doc("unix socket for caplance ctl"))
-    metrics: Endpoint | None = attrs.field(default=None, converter=_optional_endpoint, metadata=_doc('Prometheus text endpoint "address:port"'))
+    metrics: Endpoint | None = attrs.field(default=None, converter=_optional_endpoint, metadata=_doc('reserved for a Prometheus endpoint "address:port": checked, not served yet'))
     secret_file: str | None = attrs.field(default=None, metadata=_doc("file holding the shared secret (or set CAPLANCE_SECRET)"))
-    secret: Secret | None = attrs.field(default=None, metadata=_doc("only from CAPLANCE_SECRET"))
+    secret: Secret | None = attrs.field(default=None, metadata=_doc("never in the file: from CAPLANCE_SECRET, else secret_file"))
     allowed_networks: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_networks, metadata=_doc("who may register; empty = any"))
     heartbeat_timeout: Seconds = attrs.field(default=Seconds(3.0), validator=_v(check_seconds), metadata=_doc("remove a backend silent this long"))
     proof_timeout: Seconds = attrs.field(default=Seconds(2.0), validator=_v(check_seconds), metadata=_doc("time to echo the data-path token"))
@@ -366,7 +366,7 @@ class AgentConfig:
     tun_address: IPAddress = attrs.field(default=ipaddress.IPv4Address("169.254.253.1"), converter=to_ip,
                                          metadata=_doc("inject = tun: its address (loose rp_filter needs one)"))
     secret_file: str | None = attrs.field(default=None, metadata=_doc("file holding the shared secret (or set CAPLANCE_SECRET)"))
-    secret: Secret | None = attrs.field(default=None, metadata=_doc("only from CAPLANCE_SECRET"))
+    secret: Secret | None = attrs.field(default=None, metadata=_doc("never in the file: from CAPLANCE_SECRET, else secret_file"))
     heartbeat_interval: Seconds = attrs.field(default=Seconds(1.0), validator=_v(check_seconds), metadata=_doc("seconds between heartbeats"))
     drain_timeout: Seconds = attrs.field(default=Seconds(10.0), validator=_v(check_seconds), metadata=_doc("on SIGTERM: drain this long, then leave"))
     health: LocalCheckConfig | None = attrs.field(default=None, metadata=_doc("local health check"))
@@ -739,8 +739,12 @@ def load(path: str | Path, cls: type[T], environ: Mapping[str, str] | None = Non
 
 
 def load_balancer_config(path: str | Path, environ: Mapping[str, str] | None = None) -> BalancerConfig:
+    """A balancer's config from the TOML file ``path`` and ``environ`` (default
+    ``os.environ``). Raises :class:`ConfigError` listing every problem."""
     return load(path, BalancerConfig, environ)
 
 
 def load_agent_config(path: str | Path, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """An agent's config from the TOML file ``path`` and ``environ`` (default
+    ``os.environ``). Raises :class:`ConfigError` listing every problem."""
     return load(path, AgentConfig, environ)

@@ -1,0 +1,184 @@
+"""The docs site: the strict build passes, the generated pages cover the code, and what the
+pages show (config examples, counters) is what the code does.
+
+The build needs the ``docs`` extra (mkdocs, mkdocs-material, mkdocstrings); without it those
+tests are skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import attrs
+import pytest
+
+from caplance import plugins
+from caplance.cli import build_parser
+from caplance.config import AgentConfig, BalancerConfig, apply_environment, structure
+
+from .test_selectors import example_plugin  # noqa: F401 - the fixture that installs it
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+MINIMAL: dict[str, Any] = {"vips": [{"address": "10.99.0.1"}]}
+needs_mkdocs = pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None,
+                                  reason="the docs extra is not installed (pip install -e '.[docs]')")
+
+
+def load_hooks() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("caplance_docs_hooks", DOCS / "hooks.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+hooks = load_hooks()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if importlib.util.find_spec("mkdocs") is None:
+        pytest.skip("the docs extra is not installed (pip install -e '.[docs]')")
+    out = tmp_path_factory.mktemp("site")
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert done.returncode == 0, f"mkdocs build --strict failed:\n{done.stderr[-5000:]}"
+    return out
+
+
+@needs_mkdocs
+def test_the_strict_build_passes_and_has_every_page(site: Path) -> None:
+    for page in ["quickstart", "concepts", "configuration", "cli", "operations", "plugins",
+                 "troubleshooting", "benchmarks", "components/listeners", "components/selectors",
+                 "components/transports", "components/balancer", "components/agent",
+                 "components/control", "components/health", "api/library", "api/contracts",
+                 "api/builtins"]:
+        assert (site / page / "index.html").is_file(), page
+    assert not list(site.rglob("*.py")), "docs/*.py (hooks) must not be published"
+
+
+@needs_mkdocs
+def test_the_generated_pages_are_in_the_site(site: Path) -> None:
+    configuration = (site / "configuration" / "index.html").read_text()
+    for root in hooks.ROOTS:
+        for _, cls, _ in hooks.rows(hooks.ROOTS[root]):
+            assert f'id="{hooks.anchor(cls, root)}"' in configuration
+    assert "CAPLANCE_VIPS__&lt;N&gt;__BACKENDS__&lt;N&gt;__TRANSPORT__OPTIONS__&lt;KEY&gt;" in configuration
+    cli = (site / "cli" / "index.html").read_text()
+    assert "usage: caplance ctl drain [-h] [--timeout TIMEOUT] NAME" in cli
+    api = (site / "api" / "library" / "index.html").read_text()
+    assert 'id="caplance.balancer.Balancer.run"' in api
+    assert ":class:`" not in api  # the griffe extension turned reST roles into code
+
+
+def test_every_config_field_is_in_the_reference() -> None:
+    for root, cls in hooks.ROOTS.items():
+        text = hooks.config_reference(root)
+        for _, table_cls, _ in hooks.rows(cls):
+            for field in attrs.fields(table_cls):
+                assert f"| `{field.name}` |" in text, (root, table_cls.__name__, field.name)
+                doc = field.metadata.get("doc")
+                assert doc, f"{table_cls.__name__}.{field.name} has no doc metadata for the reference"
+
+
+def test_the_reference_shows_defaults_and_requirements() -> None:
+    text = hooks.config_reference("balancer")
+    assert "| `vips` | list of [VipConfig](#balancer-vipconfig) tables | **required** |" in text
+    assert '| `control_socket` | string | `"/run/caplance/balancer.sock"` |' in text
+    assert "| `drain_timeout` | seconds (number > 0) | `10.0` |" in text
+    assert '| `kind` | "tun" / "raw" / "packet" | `"tun"` |' in text
+
+
+@pytest.mark.parametrize("root", ["balancer", "agent"])
+def test_every_documented_variable_is_one_the_loader_takes(root: str) -> None:
+    cls = hooks.ROOTS[root]
+    data = MINIMAL if root == "balancer" else {"name": "be1", "vips": ["10.99.0.1"]}
+    variables = hooks.env_variables(root)
+    assert len(variables) > 20
+    for variable, _, _ in variables:
+        name = variable.replace("<N>", "0").replace("<KEY>", "x")
+        if name == "CAPLANCE_SECRET":
+            continue
+        apply_environment(data, {name: "1"}, cls=cls)  # raises ConfigError for a path that does not fit
+
+
+def test_the_variable_table_is_complete() -> None:
+    paths = {path for _, path, _ in hooks.env_variables("balancer")}
+    assert {"drain_timeout", "listener.kind", "vips[<N>].ports", "vips[<N>].ports[<N>]",
+            "vips[<N>].backends[<N>].transport.options", "vips[<N>].selector.options.<key>",
+            "vips[<N>].health.rise", "conntrack.max_flows", "secret"} <= paths
+
+
+def test_the_cli_reference_covers_every_command() -> None:
+    text = hooks.cli_reference()
+    for command in ["caplance", "caplance balancer", "caplance agent", "caplance ctl", "caplance ctl status",
+                    "caplance ctl pause", "caplance ctl resume", "caplance ctl drain", "caplance ctl deregister",
+                    "caplance config", "caplance config check", "caplance config show"]:
+        assert f"`{command}`" in text, command
+    assert build_parser().format_help().splitlines()[0] in text
+
+
+def test_an_unknown_marker_fails_the_build() -> None:
+    assert hooks.expand("a\n<!-- generated: cli -->\nb").startswith("a\n## `caplance`")
+    with pytest.raises(ValueError, match="unknown generated block: config router"):
+        hooks.expand("<!-- generated: config router -->")
+
+
+def test_markers_inside_admonitions_keep_their_indentation() -> None:
+    expanded = hooks.expand("??? note\n\n    <!-- generated: env agent -->\n")
+    assert "\n    | variable | key | value |\n" in expanded
+
+
+# -- what the pages show is what the code does ---------------------------------------------
+
+
+def toml_blocks() -> list[tuple[str, int, str]]:
+    """Every ```toml block of the docs that is a whole config file (not a ``# (fragment)``,
+    not an included file)."""
+    found = []
+    for page in sorted(DOCS.rglob("*.md")):
+        text = page.read_text()
+        for match in re.finditer(r"^ *```toml\n(.*?)^ *```", text, re.MULTILINE | re.DOTALL):
+            body = match.group(1)
+            if body.startswith("# (fragment)") or "--8<--" in body:
+                continue
+            found.append((str(page.relative_to(DOCS)), text.count("\n", 0, match.start()) + 1, body))
+    return found
+
+
+def test_the_docs_have_config_examples() -> None:
+    assert len(toml_blocks()) >= 6
+
+
+@pytest.mark.parametrize(("page", "line", "body"), toml_blocks(),
+                         ids=[f"{page}:{line}" for page, line, _ in toml_blocks()])
+def test_every_config_example_is_valid(page: str, line: int, body: str, example_plugin: Any) -> None:  # noqa: F811
+    data = tomllib.loads(body)
+    cls = AgentConfig if "name" in data else BalancerConfig
+    config = structure(data, cls)
+    assert plugins.check_plugins(config) == []
+
+
+def drop_reasons(module: str) -> set[str]:
+    source = (ROOT / "caplance" / module).read_text()
+    return set(re.findall(r'dropped\["([a-z_]+)"\]', source)) | (
+        {"malformed_<reason>"} if 'dropped["malformed_" +' in source else set())
+
+
+@pytest.mark.parametrize("module", ["balancer.py", "agent.py"])
+def test_every_drop_reason_is_explained(module: str) -> None:
+    troubleshooting = (DOCS / "troubleshooting.md").read_text()
+    reasons = drop_reasons(module)
+    assert "not_a_vip" in reasons or "not_our_vip" in reasons  # the pattern still matches the code
+    missing = sorted(reason for reason in reasons if f"`{reason}`" not in troubleshooting)
+    assert not missing, f"docs/troubleshooting.md does not explain the drop counter(s) {missing}"
