@@ -127,3 +127,127 @@ async def fetch_many(host: str, *, count: int, port: int = 80, concurrency: int 
 def format_served(served: dict[str, int], names: Sequence[str]) -> str:
     """The demo's last line: ``served: be1=N be2=N be3=N``."""
     return "served: " + " ".join(f"{name}={served.get(name, 0)}" for name in names)
+
+
+# -- long-lived streams (connection tracking tests) ----------------------------------------
+
+
+async def serve_echo(name: str, *, port: int = 8080,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """On each TCP connection: send ``name`` and a newline, then echo every byte back."""
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await stream.send_all(name.encode() + b"\n")
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+        except (trio.BrokenResourceError, OSError):
+            pass
+        finally:
+            await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handle, listeners)
+        task_status.started()
+
+
+@attrs.frozen
+class Stream:
+    """One long-lived connection: who served it, how many chunks came back intact."""
+
+    source_port: int
+    served_by: str | None
+    chunks: int
+    error: str | None
+
+
+async def _one_stream(host: str, port: int, seconds: float, interval: float, index: int) -> Stream:
+    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    source_port, served_by, chunks = 0, None, 0
+    try:
+        await sock.bind(("::" if family == trio.socket.AF_INET6 else "0.0.0.0", 0))
+        source_port = sock.getsockname()[1]
+        with trio.fail_after(5):
+            await sock.connect((host, port))
+        stream = trio.SocketStream(sock)
+        buffered = b""
+        with trio.fail_after(5):
+            while b"\n" not in buffered:
+                more = await stream.receive_some(4096)
+                if not more:
+                    raise trio.BrokenResourceError("closed before the greeting")
+                buffered += more
+        greeting, _, buffered = buffered.partition(b"\n")
+        served_by = greeting.decode(errors="replace")
+        deadline = trio.current_time() + seconds
+        while trio.current_time() < deadline:
+            chunk = f"{index}:{chunks}:".encode().ljust(64, b".")
+            await stream.send_all(chunk)
+            with trio.fail_after(3):
+                while len(buffered) < len(chunk):
+                    more = await stream.receive_some(4096)
+                    if not more:
+                        raise trio.BrokenResourceError("closed by the server")
+                    buffered += more
+            if buffered[:len(chunk)] != chunk:
+                raise ValueError(f"chunk {chunks} came back changed or out of order")
+            buffered = buffered[len(chunk):]
+            chunks += 1
+            await trio.sleep(interval)
+        await stream.aclose()
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError, ValueError) as exc:
+        return Stream(source_port, served_by, chunks, repr(exc))
+    finally:
+        sock.close()
+    return Stream(source_port, served_by, chunks, None)
+
+
+async def hold_streams(host: str, *, count: int, port: int = 8080, seconds: float = 10.0,
+                       interval: float = 0.1) -> list[Stream]:
+    """Open ``count`` connections and exchange a 64-byte chunk on each every ``interval``
+    seconds for ``seconds``, checking every echo arrives complete and in order."""
+    streams: list[Stream] = []
+
+    async def run(index: int) -> None:
+        streams.append(await _one_stream(host, port, seconds, interval, index))
+
+    async with trio.open_nursery() as nursery:
+        for index in range(count):
+            nursery.start_soon(run, index)
+    return streams
+
+
+# -- UDP: who answers a given flow (balancer agreement tests) ------------------------------
+
+
+async def serve_udp_name(name: str, address: str, *, port: int = 9999,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Answer every UDP datagram to ``address:port`` with ``name`` (from that address)."""
+    family = trio.socket.AF_INET6 if ":" in address else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
+    with sock:
+        await sock.bind((address, port))
+        task_status.started()
+        while True:
+            _, peer = await sock.recvfrom(2048)
+            await sock.sendto(name.encode(), peer)
+
+
+async def ask_udp(host: str, source_ports: Sequence[int], *, port: int = 9999,
+                  timeout: float = 1.0, tries: int = 3) -> dict[int, str | None]:
+    """From each source port, ask ``host:port`` who answers; port -> name (None: nobody)."""
+    answers: dict[int, str | None] = {}
+    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+    for source in source_ports:
+        sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
+        with sock:
+            await sock.bind(("::" if family == trio.socket.AF_INET6 else "0.0.0.0", source))
+            answers[source] = None
+            for _ in range(tries):
+                await sock.sendto(b"who", (host, port))
+                with trio.move_on_after(timeout):
+                    data, _ = await sock.recvfrom(2048)
+                    answers[source] = data.decode(errors="replace")
+                    break
+    return answers

@@ -3,11 +3,12 @@
 Layout (every name carries the lab's unique tag, so two labs never collide)::
 
     client 10.77.0.10 ──┐
-    lb     10.77.0.2  ──┼── br0 (in namespace <tag>-sw)
+    lb     10.77.0.2  ──┤
+    lbK    10.77.0.K  ──┼── br0 (in namespace <tag>-sw)      (K = 2..: extra balancers)
     beK    10.77.0.1K ──┘
 
 IPv6: fd77::10, fd77::2, fd77::1K on the same link. The client routes the VIPs
-(10.99.0.1, fd99::1) via the balancer. The client's link has MTU ``client_mtu``; the
+(10.99.0.1, fd99::1) via the balancer ``lb`` (:meth:`Lab.route_vips_via` switches). The client's link has MTU ``client_mtu``; the
 balancer's and backends' links have ``backend_mtu`` (headroom for encapsulation).
 
 The lab uses the ``ip`` command (iproute2); it is test scaffolding, not the balancer.
@@ -58,13 +59,14 @@ def _run(argv: Sequence[str], *, check: bool = True, input: str | None = None) -
 class Lab:
     """Create with ``with Lab(backends=3) as lab:``; everything is removed on exit."""
 
-    def __init__(self, *, backends: int = 3, client_mtu: int = 1500, backend_mtu: int = 1600,
-                 client_offloads: bool = True, tag: str | None = None) -> None:
+    def __init__(self, *, backends: int = 3, balancers: int = 1, client_mtu: int = 1500,
+                 backend_mtu: int = 1600, client_offloads: bool = True, tag: str | None = None) -> None:
         self.tag = tag or "cl" + secrets.token_hex(3)
         self.switch = f"{self.tag}-sw"
         self.client_offloads = client_offloads
         self.hosts: dict[str, LabHost] = {}
         plan = [("client", 10, client_mtu), ("lb", 2, backend_mtu)]
+        plan += [(f"lb{k}", 1 + k, backend_mtu) for k in range(2, balancers + 1)]
         plan += [(f"be{k}", 10 + k, backend_mtu) for k in range(1, backends + 1)]
         for role, number, mtu in plan:
             self.hosts[role] = LabHost(
@@ -75,6 +77,12 @@ class Lab:
         self._created: list[str] = []
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
         self._processes: list[subprocess.Popen[Any]] = []
+
+    def route_vips_via(self, role: str) -> None:
+        """Point the client's routes for the VIPs at balancer ``role``."""
+        host = self.hosts[role]
+        self.run("client", "ip", "route", "replace", f"{VIP4}/32", "via", str(host.ipv4))
+        self.run("client", "ip", "-6", "route", "replace", f"{VIP6}/128", "via", str(host.ipv6))
 
     @property
     def backends(self) -> list[LabHost]:

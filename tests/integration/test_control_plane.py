@@ -43,11 +43,7 @@ def test_a_backend_joins_while_traffic_flows(lab: Lab) -> None:
     start_agent(lab, "be3")
     wait_for(lambda: active(lab, "be3"), what="be3 active")
     result = fetch_result(client)
-    for attempt in result["attempts"]:  # without connection tracking, only moved flows may break
-        if attempt["served_by"] is None:
-            port = attempt["source_port"]
-            assert expected_backend(lab, ("be1", "be2"), port) != expected_backend(lab, ("be1", "be2", "be3"), port)
-    assert len(result["failures"]) < 10
+    assert result["failures"] == []  # connections in flight stay where they are (conntrack)
     assert result["served"].get("be3", 0) > 0  # new connections reach the newcomer
     assert set(result["served"]) == {"be1", "be2", "be3"}
 
