@@ -180,6 +180,7 @@ class Balancer:
         from caplance.control import serve_agents
         from caplance.ctl import serve_ctl
         from caplance.health import run_health_checks
+        from caplance.metrics import serve_metrics
 
         netops = NetOps()
         try:
@@ -203,6 +204,8 @@ class Balancer:
                 if self.config.control is not None:
                     await nursery.start(serve_agents, self, netops)
                 await nursery.start(serve_ctl, self, netops)
+                if self.config.metrics is not None:
+                    await nursery.start(serve_metrics, self)
                 task_status.started()
                 await self._stop.wait()
                 await self._drain_flows()

@@ -255,3 +255,44 @@ async def test_agent_sigterm_asks_to_drain_then_deregisters(autojump_clock: trio
         assert await requests.receive() == "deregister"
         assert trio.current_time() - start == pytest.approx(4.0)
 
+
+
+async def test_metrics_endpoint_serves_the_counters(tmp_path: Path) -> None:
+    with trio.socket.socket() as probe:  # a free port on loopback
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = BalancerConfig(vips=(VipConfig(address=VIP, ports=(80,)),), metrics=f"127.0.0.1:{port}",
+                            control_socket=str(tmp_path / "ctl.sock"))
+    listener, transport = MemoryListener(), RecordingTransport()
+    balancer = Balancer(config, listener=listener, transports={"udp": transport})
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(balancer.run)
+            balancer.add_member(Member(name="a", address=ADDRESSES["a"], transport=PluginConfig(name="udp"),
+                                       vips=(VIP,), weight=2, static=False))
+            balancer.set_state("a", State.ACTIVE, "test")
+            while balancer.rebuild_pending:
+                await trio.sleep(0.01)
+            for sport in range(10):
+                listener.source.push(packet(sport + 100))
+            listener.source.push(b"\xf0junk")
+            await trio.testing.wait_all_tasks_blocked()
+
+            async def get(path: str) -> str:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    await stream.send_all(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+                    reply = b""
+                    while chunk := await stream.receive_some(4096):
+                        reply += chunk
+                return reply.decode()
+
+            text = await get("/metrics")
+            assert text.startswith("HTTP/1.0 200")
+            assert "caplance_packets_in_total 11" in text
+            assert 'caplance_forwarded_packets_total{backend="a"} 10' in text
+            assert 'caplance_dropped_packets_total{reason="malformed_bad_version"} 1' in text
+            assert 'caplance_backend_weight{backend="a"} 2' in text
+            assert "caplance_conntrack_flows 10" in text
+            assert (await get("/other")).startswith("HTTP/1.0 404")
+            balancer.stop()

@@ -1,0 +1,97 @@
+"""The balancer's counters for Prometheus: ``GET /metrics`` on the ``metrics`` address.
+
+:func:`render` (pure) turns counters into the text exposition format; :func:`serve_metrics`
+answers HTTP GETs with it. One request per connection, bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+if TYPE_CHECKING:
+    from caplance.balancer import Balancer
+
+__all__ = ["render", "serve_metrics"]
+
+log = logging.getLogger(__name__)
+_TIMEOUT = 5.0
+
+
+def _label(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _family(name: str, kind: str, help_text: str, samples: Iterable[tuple[Mapping[str, object], float]]) -> list[str]:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        text = ",".join(f'{key}="{_label(val)}"' for key, val in labels.items())
+        lines.append(f"{name}{{{text}}} {value}" if text else f"{name} {value}")
+    return lines
+
+
+def render(snapshot: Mapping[str, Any], backends: Iterable[Mapping[str, Any]]) -> str:
+    """Prometheus text for a balancer's ``stats.snapshot()`` and its backend rows."""
+    rows = list(backends)
+    lines = _family("caplance_packets_in_total", "counter", "Packets received for the VIPs.",
+                    [({}, snapshot["packets_in"])])
+    lines += _family("caplance_forwarded_packets_total", "counter", "Packets sent to each backend.",
+                     [({"backend": k}, v) for k, v in sorted(snapshot["forwarded"].items())])
+    lines += _family("caplance_forwarded_bytes_total", "counter", "Bytes sent to each backend.",
+                     [({"backend": k}, v) for k, v in sorted(snapshot["forwarded_bytes"].items())])
+    lines += _family("caplance_dropped_packets_total", "counter", "Packets dropped, by reason.",
+                     [({"reason": k}, v) for k, v in sorted(snapshot["dropped"].items())])
+    lines += _family("caplance_control_events_total", "counter", "Control-plane events, by kind.",
+                     [({"event": k}, v) for k, v in sorted(snapshot["control"].items())])
+    lines += _family("caplance_icmp_too_big_total", "counter", "ICMP too-big errors sent to clients.",
+                     [({}, snapshot["icmp_too_big"])])
+    lines += _family("caplance_backend_up", "gauge", "1 for each backend in its current state.",
+                     [({"backend": r["backend"], "state": r["state"], "health": r["health"]}, 1) for r in rows])
+    lines += _family("caplance_backend_weight", "gauge", "Effective weight (0: no new flows).",
+                     [({"backend": r["backend"]}, r["effective_weight"]) for r in rows])
+    flows = snapshot.get("conntrack")
+    if flows:
+        lines += _family("caplance_conntrack_flows", "gauge", "Flows in the table.", [({}, flows["size"])])
+        lines += _family("caplance_conntrack_hits_total", "counter", "Table hits.", [({}, flows["hits"])])
+        lines += _family("caplance_conntrack_misses_total", "counter", "Table misses.", [({}, flows["misses"])])
+        lines += _family("caplance_conntrack_evictions_total", "counter", "Entries evicted when full.",
+                         [({"segment": k}, v) for k, v in sorted(flows["evictions"].items())])
+        lines += _family("caplance_conntrack_expirations_total", "counter", "Entries expired, by reason.",
+                         [({"reason": k}, v) for k, v in sorted(flows["expirations"].items())])
+    return "\n".join(lines) + "\n"
+
+
+async def serve_metrics(balancer: Balancer, *,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``GET /metrics`` on ``balancer.config.metrics`` until cancelled."""
+    endpoint = balancer.config.metrics
+    assert endpoint is not None
+    listeners = await trio.open_tcp_listeners(endpoint.port, host=str(endpoint.host))
+    task_status.started()
+    await trio.serve_listeners(functools.partial(_answer, balancer), listeners)
+
+
+async def _answer(balancer: Balancer, stream: trio.SocketStream) -> None:
+    from caplance.ctl import status_rows
+
+    async with stream:
+        try:
+            with trio.fail_after(_TIMEOUT):
+                request = b""
+                while b"\r\n\r\n" not in request and len(request) < 8192:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    request += chunk
+                if request.split(b" ", 2)[:2] == [b"GET", b"/metrics"]:
+                    body = render(balancer.stats.snapshot(), status_rows(balancer)["backends"]).encode()
+                    head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                else:
+                    body, head = b"not found\n", b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
+                await stream.send_all(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            log.debug("metrics request failed", extra={"error": repr(exc)})
