@@ -67,6 +67,7 @@ _ICMP4_ERRORS = frozenset({3, 4, 5, 11, 12})  # unreachable, quench, redirect, t
 _ICMP4_ECHO = frozenset({0, 8})
 _ICMP6_ERRORS = frozenset({1, 2, 3, 4})  # unreachable, packet too big, time exceeded, param
 _ICMP6_ECHO = frozenset({128, 129})
+_ICMP = {4: (IPPROTO_ICMP, _ICMP4_ERRORS, _ICMP4_ECHO), 6: (IPPROTO_ICMPV6, _ICMP6_ERRORS, _ICMP6_ECHO)}
 
 # IPv6 extension headers we step over: hop-by-hop, routing, destination options, mobility,
 # HIP, shim6 (length in 8-octet units, not counting the first 8) and AH (4-octet units, minus 2).
@@ -209,19 +210,7 @@ def _ipv4_key(packet: bytes, *, inner: bool) -> bytes:
     addresses = packet[12:20]
     if packet[6] & 0x3F or packet[7]:  # MF flag or a fragment offset: key without ports
         return addresses + _PROTO_BYTES[proto] + _NO_PORTS
-    if proto in PORT_PROTOCOLS:
-        if end < ihl + 4:
-            raise MalformedPacket("truncated", "no room for the ports")
-        return addresses + _PROTO_BYTES[proto] + packet[ihl : ihl + 4]
-    if proto == IPPROTO_ICMP:
-        if end < ihl + 8:
-            raise MalformedPacket("truncated", "ICMP header cut short")
-        icmp_type = packet[ihl]
-        if icmp_type in _ICMP4_ERRORS and not inner:
-            return _reverse(_ipv4_key(packet[ihl + 8 : end], inner=True))
-        if icmp_type in _ICMP4_ECHO:
-            return addresses + _PROTO_BYTES[proto] + packet[ihl + 4 : ihl + 6] + b"\x00\x00"
-    return addresses + _PROTO_BYTES[proto] + _NO_PORTS
+    return _transport_key(packet, addresses, proto, ihl, end, version=4, inner=inner)
 
 
 def _ipv6_key(packet: bytes, *, inner: bool) -> bytes:
@@ -257,17 +246,26 @@ def _ipv6_key(packet: bytes, *, inner: bool) -> bytes:
         raise MalformedPacket("too_many_extension_headers", f"more than {_IPV6_MAX_EXT}")
     if offset > end:
         raise MalformedPacket("truncated", "IPv6 extension headers run past the packet")
+    return _transport_key(packet, addresses, proto, offset, end, version=6, inner=inner)
+
+
+def _transport_key(packet: bytes, addresses: bytes, proto: int, offset: int, end: int, *,
+                   version: int, inner: bool) -> bytes:
+    """The key from the transport header at ``offset``: ports, an ICMP echo identifier, or
+    an ICMP error's quoted packet (reversed)."""
     if proto in PORT_PROTOCOLS:
         if end < offset + 4:
             raise MalformedPacket("truncated", "no room for the ports")
         return addresses + _PROTO_BYTES[proto] + packet[offset : offset + 4]
-    if proto == IPPROTO_ICMPV6:
+    icmp, errors, echo = _ICMP[version]
+    if proto == icmp:
         if end < offset + 8:
-            raise MalformedPacket("truncated", "ICMPv6 header cut short")
+            raise MalformedPacket("truncated", "ICMP header cut short")
         icmp_type = packet[offset]
-        if icmp_type in _ICMP6_ERRORS and not inner:
-            return _reverse(_ipv6_key(packet[offset + 8 : end], inner=True))
-        if icmp_type in _ICMP6_ECHO:
+        if icmp_type in errors and not inner:
+            quoted = packet[offset + 8 : end]
+            return _reverse(_ipv4_key(quoted, inner=True) if version == 4 else _ipv6_key(quoted, inner=True))
+        if icmp_type in echo:
             return addresses + _PROTO_BYTES[proto] + packet[offset + 4 : offset + 6] + b"\x00\x00"
     return addresses + _PROTO_BYTES[proto] + _NO_PORTS
 

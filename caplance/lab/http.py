@@ -73,15 +73,24 @@ class FetchResult:
         return [f"port {a.source_port}: {a.error}" for a in self.attempts if a.served_by is None]
 
 
-async def _fetch_once(host: str, port: int, timeout: float, body: int = 0) -> Attempt:
+async def _bound_socket(host: str, kind: int, port: int = 0) -> trio.socket.SocketType:
+    """A socket for talking to ``host``, bound to ``port`` (0: an ephemeral one) first, so
+    its source port is known even if the connection never opens."""
     family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
-    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
-    source_port = 0
+    sock = trio.socket.socket(family, kind)
+    try:
+        await sock.bind(("::" if family == trio.socket.AF_INET6 else "0.0.0.0", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _fetch_once(host: str, port: int, timeout: float, body: int = 0) -> Attempt:
+    sock = await _bound_socket(host, trio.socket.SOCK_STREAM)
+    source_port = sock.getsockname()[1]
     try:
         with trio.fail_after(timeout):
-            # Bind first, so the source port is known even if the connection never opens.
-            await sock.bind(("::" if family == trio.socket.AF_INET6 else "0.0.0.0", 0))
-            source_port = sock.getsockname()[1]
             await sock.connect((host, port))
             stream = trio.SocketStream(sock)
             async with stream:
@@ -162,12 +171,9 @@ class Stream:
 
 
 async def _one_stream(host: str, port: int, seconds: float, interval: float, index: int) -> Stream:
-    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
-    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
-    source_port, served_by, chunks = 0, None, 0
+    sock = await _bound_socket(host, trio.socket.SOCK_STREAM)
+    source_port, served_by, chunks = sock.getsockname()[1], None, 0
     try:
-        await sock.bind(("::" if family == trio.socket.AF_INET6 else "0.0.0.0", 0))
-        source_port = sock.getsockname()[1]
         with trio.fail_after(5):
             await sock.connect((host, port))
         stream = trio.SocketStream(sock)
@@ -238,11 +244,8 @@ async def ask_udp(host: str, source_ports: Sequence[int], *, port: int = 9999,
                   timeout: float = 1.0, tries: int = 3) -> dict[int, str | None]:
     """From each source port, ask ``host:port`` who answers; port -> name (None: nobody)."""
     answers: dict[int, str | None] = {}
-    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
     for source in source_ports:
-        sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
-        with sock:
-            await sock.bind(("::" if family == trio.socket.AF_INET6 else "0.0.0.0", source))
+        with await _bound_socket(host, trio.socket.SOCK_DGRAM, source) as sock:
             answers[source] = None
             for _ in range(tries):
                 await sock.sendto(b"who", (host, port))

@@ -22,11 +22,11 @@ from __future__ import annotations
 import socket
 from typing import Final
 
-from caplance.encapsulation import OUTER_IP, flow_source_port, gue_decapsulate, udp_decapsulate, udp_encapsulate
+from caplance.encapsulation import gue_decapsulate, udp_decapsulate
 from caplance.netops import IPAddress, NetOps
 from caplance.bpf import reject_all
 from caplance.sockets import allow_fragmentation, attach_filter, family_of, open_socket
-from caplance.transports.udp import DatagramReceiver, SocketSender, check_port_option
+from caplance.transports.udp import DatagramReceiver, SocketSender, UdpTransport
 
 __all__ = ["GueTransport", "DEFAULT_PORT"]
 
@@ -34,20 +34,13 @@ DEFAULT_PORT: Final = 6080
 _IPV6_CHECKSUM = 7
 
 
-class GueTransport:
+class GueTransport(UdpTransport):
     """Transport ``gue``. Option ``port``: the backends' GUE port (default 6080)."""
 
     name = "gue"
 
     def __init__(self, *, port: int = DEFAULT_PORT, allowed_sources: frozenset[str] = frozenset()) -> None:
-        self.port = check_port_option(self.name, port)
-        self.allowed_sources = allowed_sources
-
-    def overhead(self, outer_version: int) -> int:
-        return OUTER_IP[outer_version] + 8
-
-    def encapsulate(self, packet: bytes, key: bytes) -> bytes:
-        return udp_encapsulate(packet, flow_source_port(key), self.port)
+        super().__init__(port=port, allowed_sources=allowed_sources)
 
     def decapsulate(self, data: bytes) -> bytes:
         return gue_decapsulate(udp_decapsulate(data))
@@ -59,9 +52,7 @@ class GueTransport:
         if backend.version == 6:
             sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_CHECKSUM, 6)  # the kernel sums UDP
         allow_fragmentation(sock)
-        port = self.port
-        return SocketSender(sock, self.overhead(backend.version),
-                            lambda packet, key: udp_encapsulate(packet, flow_source_port(key), port))
+        return SocketSender(sock, self.overhead(backend.version), self.encapsulate)
 
     def open_receiver(self, bind: IPAddress, netops: NetOps) -> DatagramReceiver:
         sock = open_socket(family_of(bind), socket.SOCK_DGRAM, what="GUE transport receiver",

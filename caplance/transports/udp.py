@@ -15,15 +15,9 @@ from caplance.encapsulation import OUTER_IP, flow_source_port, udp_decapsulate, 
 from caplance.netops import IPAddress, NetOps
 from caplance.sockets import SocketSource, allow_fragmentation, family_of, open_socket, path_mtu
 
-__all__ = ["DEFAULT_PORT", "UdpTransport", "SocketSender", "DatagramReceiver", "check_port_option"]
+__all__ = ["DEFAULT_PORT", "UdpTransport", "SocketSender", "DatagramReceiver"]
 
 DEFAULT_PORT: Final = 7001
-
-
-def check_port_option(transport: str, port: object) -> int:
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ValueError(f"{transport}: port must be an int from 1 to 65535, got {port!r}")
-    return port
 
 
 class SocketSender:
@@ -78,7 +72,9 @@ class UdpTransport:
     name = "udp"
 
     def __init__(self, *, port: int = DEFAULT_PORT, allowed_sources: frozenset[str] = frozenset()) -> None:
-        self.port = check_port_option(self.name, port)
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValueError(f"{self.name}: port must be an int from 1 to 65535, got {port!r}")
+        self.port = port
         self.allowed_sources = allowed_sources
 
     def overhead(self, outer_version: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -90,13 +91,17 @@ def test_a_packet_over_the_mtu_gets_icmp_back_and_pmtu_discovery_works(tight_lab
     assert stats["dropped"]["too_big"] >= 1
 
 
-def test_oversized_packets_without_df_are_sent_fragmented(tight_lab: Lab) -> None:
-    lab = tight_lab
+def start_udp_vip(lab: Lab) -> subprocess.Popen[bytes]:
+    """be1 behind a UDP VIP on port 9999; returns the balancer."""
     start_backend(lab, "be1")
     config = balancer_config(lab, backends=("be1",))
-    config["vips"][0]["protocol"] = "udp"
-    config["vips"][0]["ports"] = [9999]
-    balancer = start_balancer(lab, config)
+    config["vips"][0].update({"protocol": "udp", "ports": [9999]})
+    return start_balancer(lab, config)
+
+
+def test_oversized_packets_without_df_are_sent_fragmented(tight_lab: Lab) -> None:
+    lab = tight_lab
+    balancer = start_udp_vip(lab)
     sender = (
         "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
         "s.setsockopt(socket.IPPROTO_IP, 10, 0);"  # IP_MTU_DISCOVER = DONT: no DF
@@ -111,11 +116,7 @@ def test_oversized_packets_without_df_are_sent_fragmented(tight_lab: Lab) -> Non
 
 def test_icmp_answers_are_rate_limited(tight_lab: Lab) -> None:
     lab = tight_lab
-    start_backend(lab, "be1")
-    config = balancer_config(lab, backends=("be1",))
-    config["vips"][0]["protocol"] = "udp"
-    config["vips"][0]["ports"] = [9999]
-    balancer = start_balancer(lab, config)
+    balancer = start_udp_vip(lab)
     flood = (
         "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
         "s.setsockopt(socket.IPPROTO_IP, 10, 3);"  # IP_MTU_DISCOVER = PROBE: DF, ignore PMTU
