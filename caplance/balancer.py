@@ -30,7 +30,7 @@ from caplance.errors import CaplanceError, MalformedPacket
 from caplance.interfaces import Listener, PacketSender, Selector, Transport
 from caplance.listeners import make_listener
 from caplance.membership import Member, Membership, State, Transition
-from caplance.netops import IPAddress, NetOps
+from caplance.netops import IPAddress, NetOps, largest_link_mtu
 from caplance.packet import (
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
@@ -41,6 +41,7 @@ from caplance.packet import (
     flow_key,
     icmp_too_big,
     is_new_tcp_flow,
+    segment_tcp,
     tcp_flags,
 )
 from caplance.sockets import pump
@@ -67,6 +68,8 @@ class BalancerStats:
     outer_fragmented: int = 0
     #: ICMP "fragmentation needed" / "packet too big" sent back to clients
     icmp_too_big: int = 0
+    #: TCP aggregates (GRO/GSO) cut into segments before sending
+    segmented: int = 0
     forwarded: collections.Counter[str] = attrs.field(factory=collections.Counter)
     forwarded_bytes: collections.Counter[str] = attrs.field(factory=collections.Counter)
     dropped: collections.Counter[str] = attrs.field(factory=collections.Counter)
@@ -79,6 +82,7 @@ class BalancerStats:
             "packets_in": self.packets_in,
             "outer_fragmented": self.outer_fragmented,
             "icmp_too_big": self.icmp_too_big,
+            "segmented": self.segmented,
             "forwarded": dict(self.forwarded),
             "forwarded_bytes": dict(self.forwarded_bytes),
             "dropped": dict(self.dropped),
@@ -141,6 +145,8 @@ class Balancer:
         ) if conntrack.enabled else None
         self.stats.flows = self.flows
         self._icmp_sockets: dict[int, socket.socket] = {}
+        #: no packet from a link can be longer than this; longer ones are aggregates
+        self._wire_mtu = 65535
         self._icmp_tokens = float(ICMP_BURST)
         self._icmp_refilled = time.monotonic()
         self._dirty: set[IPAddress] = set()
@@ -188,6 +194,7 @@ class Balancer:
                 self._vips[address.packed] = self._build_vip(address, self._build_selector(address), strict=True)
             self._close_unused_senders()
             self._open_icmp_sockets(netops)
+            self._wire_mtu = largest_link_mtu(exclude={"lo", self.config.listener.device})
             sources = self._listener.open(list(self._vip_configs), netops)
             log.info("balancer attached", extra={"vips": [str(v) for v in self._vip_configs],
                                                  "listener": self._listener.name})
@@ -362,6 +369,27 @@ class Balancer:
 
     # -- data plane ------------------------------------------------------------------------
 
+    def _send_segmented(self, packet: bytes, key: bytes, name: str,
+                        send: Callable[[bytes, bytes], object], limit: int) -> None:
+        """A TCP packet bigger than any link here is a GRO/GSO aggregate (a raw listener
+        sees those): cut it into segments that fit, rather than refuse it."""
+        try:
+            ip_header = (packet[0] & 0x0F) * 4 if packet[0] >> 4 == 4 else 40
+            headers = ip_header + (packet[ip_header + 12] >> 4) * 4
+            segments = segment_tcp(packet, min(limit, self._wire_mtu) - headers)
+        except (MalformedPacket, IndexError, ValueError):
+            self.stats.dropped["too_big_unsegmentable"] += 1
+            return
+        self.stats.segmented += 1
+        for segment in segments:
+            try:
+                send(segment, key)
+            except OSError:
+                self.stats.dropped["transport_error"] += 1
+                return
+            self.stats.forwarded[name] += 1
+            self.stats.forwarded_bytes[name] += len(segment)
+
     def _answer_too_big(self, packet: bytes, limit: int) -> None:
         """Tell the client the packet does not fit (rate limited: a token bucket of
         :data:`ICMP_RATE` per second, :data:`ICMP_BURST` deep)."""
@@ -463,6 +491,9 @@ class Balancer:
                 continue
             send, limit = target
             if len(packet) > limit:
+                if len(packet) > self._wire_mtu and proto == IPPROTO_TCP:
+                    self._send_segmented(packet, key, name, send, limit)
+                    continue
                 if dont_fragment(packet):
                     dropped["too_big"] += 1
                     self._answer_too_big(packet, limit)

@@ -57,6 +57,21 @@ def read_link_type(ifname: str) -> int:
         raise NetOpsError("read link type of", ifname, "no such interface") from exc
 
 
+def largest_link_mtu(*, exclude: set[str]) -> int:
+    """The largest MTU of this namespace's interfaces (from sysfs), except those named in
+    ``exclude``; 1500 if there are none."""
+    sizes = []
+    for entry in os.scandir("/sys/class/net"):
+        if entry.name in exclude:
+            continue
+        try:
+            with open(os.path.join(entry.path, "mtu")) as handle:
+                sizes.append(int(handle.read()))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=1500)
+
+
 def _prefixlen(address: IPAddress) -> int:
     return 32 if address.version == 4 else 128
 

@@ -3,12 +3,14 @@
 The VIP is a local address (on ``lo`` by default), so the kernel hands a copy of every TCP,
 UDP and ICMP packet for it to our raw sockets (a BPF filter keeps other destinations out of
 user space). The kernel also answers those packets itself, with a RST (TCP) or an ICMP port
-unreachable (UDP): an nftables OUTPUT chain of our own drops every RST and every ICMP the
-balancer would send from a VIP. Dropping on INPUT would hide the packets from the raw socket
+unreachable (UDP): an nftables OUTPUT chain of our own drops every RST and every ICMP error
+or echo reply the balancer's stack would send from a VIP (all but the "fragmentation needed"
+the balancer itself sends for oversized packets). Dropping on INPUT would hide the packets from the raw socket
 as well. IPv4 only: IPv6 raw sockets do not show the IPv6 header.
 
 A sender on the same host or behind a veth may leave TCP/UDP checksums partial (offload);
-the raw socket shows the bytes as they are, so partial checksums are completed here.
+the raw socket shows the bytes as they are, so partial checksums are completed here. It also
+shows GRO/GSO aggregates of up to 64 KB; the balancer cuts those into segments that fit.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ class RawListener:
         vip_set = "{ " + ", ".join(str(vip) for vip in vips) + " }"
         netops.add_nft_chain("output", "output", [
             f"ip saddr {vip_set} tcp flags rst drop",
-            f"ip saddr {vip_set} meta l4proto icmp drop",
+            # the kernel's port/protocol unreachables and echo replies; not our frag-needed
+            f"ip saddr {vip_set} icmp type destination-unreachable icmp code != 4 drop",
+            f"ip saddr {vip_set} icmp type {{ echo-reply, time-exceeded, parameter-problem }} drop",
         ])
         program = vip_filter(vips, link_level=False)
         sources = []

@@ -43,6 +43,16 @@ def test_http_through_the_vip_reaches_the_backend_maglev_picks(lab: Lab, listene
         assert attempt["served_by"] == expected_backend(lab, BACKENDS, attempt["source_port"])
 
 
+@pytest.mark.parametrize("listener", ["tun", "raw", "packet"])
+def test_large_uploads_pass_every_listener(lab: Lab, listener: str) -> None:
+    """200 KB POSTs: the client's TSO hands raw and packet sockets 64 KB aggregates with
+    partial checksums, which must reach the backends as valid segments."""
+    start_all(lab, listener)
+    result = fetch(lab, 8, body=200_000, timeout=15)
+    assert result["failures"] == []
+    assert sum(result["served"].values()) == 8
+
+
 @pytest.mark.parametrize("listener", ["tun", "packet"])
 def test_ipv6_vip(lab: Lab, listener: str) -> None:
     start_all(lab, listener, vips=(VIP4, VIP6))
