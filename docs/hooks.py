@@ -140,8 +140,6 @@ def default_text(row: Row) -> str:
         default = default.factory()
     if default is None:
         return "none"
-    if row.name == "secret":
-        return "none"
     data = cfg.converter.unstructure(default)
     if isinstance(data, tuple):
         data = list(data)
@@ -169,7 +167,7 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
-def section_title(path: tuple[str, ...], root: str) -> str:
+def section_title(path: tuple[str, ...]) -> str:
     if not path:
         return "top level"
     out = ""
@@ -186,7 +184,7 @@ def config_reference(root: str) -> str:
     seen: dict[type, list[str]] = {}
     tables: dict[type, list[Row]] = {}
     for path, cls, table in rows(ROOTS[root]):
-        seen.setdefault(cls, []).append(section_title(path, root))
+        seen.setdefault(cls, []).append(section_title(path))
         tables.setdefault(cls, table)
     out = []
     for cls, table in tables.items():
