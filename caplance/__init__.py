@@ -25,8 +25,21 @@ if TYPE_CHECKING:
         PluginConfig,
         VipConfig,
     )
-    from caplance.errors import CaplanceError, ConfigError, MalformedPacket, NetOpsError, PluginError
-    from caplance.interfaces import Listener, PacketSender, PacketSource, Selector, SelectorFactory, Transport
+    from caplance.errors import (
+        CaplanceError,
+        ConfigError,
+        MalformedPacket,
+        NetOpsError,
+        PluginError,
+    )
+    from caplance.interfaces import (
+        Listener,
+        PacketSender,
+        PacketSource,
+        Selector,
+        SelectorFactory,
+        Transport,
+    )
 
 _EXPORTS = {
     "Agent": "caplance.agent",

@@ -34,8 +34,8 @@ from caplance import plugins
 from caplance.config import AgentConfig
 from caplance.control import run_agent_control
 from caplance.control_codec import probe_token
-from caplance.health import run_local_check
 from caplance.errors import MalformedPacket
+from caplance.health import run_local_check
 from caplance.interfaces import Transport
 from caplance.netops import NetOps
 from caplance.packet import destination, flow_key
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 BATCH = 256
 _NO_PORTS = b"\x00\x00\x00\x00"
-_IPPROTO_RAW = 255
 
 
 @attrs.define
@@ -112,7 +111,7 @@ class Agent:
             return {vip.packed: write for vip in self.config.vips}
         for vip in self.config.vips:
             sock = open_socket(
-                family_of(vip), socket.SOCK_RAW, _IPPROTO_RAW, what=f"raw injection socket for {vip}",
+                family_of(vip), socket.SOCK_RAW, socket.IPPROTO_RAW, what=f"raw injection socket for {vip}",
                 connect=(str(vip), 0),
             )
             netops.push_undo(f"close injection socket for {vip}", sock.close)

@@ -26,10 +26,14 @@ from caplance import control_codec as codec
 from caplance import plugins
 from caplance.config import BalancerConfig, PluginConfig, VipConfig
 from caplance.conntrack import FlowTable
+from caplance.control import serve_agents
+from caplance.ctl import serve_ctl
 from caplance.errors import CaplanceError, MalformedPacket
+from caplance.health import run_health_checks
 from caplance.interfaces import Listener, PacketSender, Selector, Transport
 from caplance.listeners import make_listener
 from caplance.membership import Member, Membership, State, Transition
+from caplance.metrics import serve_metrics
 from caplance.netops import IPAddress, NetOps, largest_link_mtu
 from caplance.packet import (
     IPPROTO_ICMP,
@@ -178,16 +182,12 @@ class Balancer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Attach the VIPs, forward until :meth:`stop`, drain, detach everything.
 
-        Draining: new TCP flows (SYN without ACK) are dropped, other packets still forwarded,
-        until no packet arrived for ``drain_idle`` seconds or ``drain_timeout`` passed.
+        Draining: new flows are dropped (with connection tracking: every packet the flow table
+        does not know; without it: TCP SYNs), the others still forwarded, until no packet
+        arrived for ``drain_idle`` seconds or ``drain_timeout`` passed.
         On cancellation it skips the drain; either way every address, route, rule, device and
         socket it made is removed before it returns (cleanup is synchronous and bounded).
         """
-        from caplance.control import serve_agents
-        from caplance.ctl import serve_ctl
-        from caplance.health import run_health_checks
-        from caplance.metrics import serve_metrics
-
         netops = NetOps()
         try:
             for address in self._vip_configs:  # static backends: a sender that fails is fatal

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from urllib.parse import urlsplit
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import attrs
 import trio

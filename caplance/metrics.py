@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from caplance.ctl import status_rows
+
 if TYPE_CHECKING:
     from caplance.balancer import Balancer
 
@@ -76,8 +78,6 @@ async def serve_metrics(balancer: Balancer, *,
 
 
 async def _answer(balancer: Balancer, stream: trio.SocketStream) -> None:
-    from caplance.ctl import status_rows
-
     async with stream:
         try:
             with trio.fail_after(_TIMEOUT):

@@ -20,7 +20,14 @@ from typing import Any
 import attrs
 import trio
 
-from caplance.lab.http import ask_udp, fetch_many, hold_streams, serve_echo, serve_name, serve_udp_name
+from caplance.lab.http import (
+    ask_udp,
+    fetch_many,
+    hold_streams,
+    serve_echo,
+    serve_name,
+    serve_udp_name,
+)
 
 
 async def _serve(serve: Any) -> None:

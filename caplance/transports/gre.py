@@ -31,7 +31,13 @@ from caplance.bpf import reject_all
 from caplance.encapsulation import OUTER_IP, gre_decapsulate, gre_encapsulate, strip_outer_ipv4
 from caplance.errors import NetOpsError
 from caplance.netops import IPAddress, NetOps
-from caplance.sockets import SocketSource, allow_fragmentation, attach_filter, family_of, open_socket
+from caplance.sockets import (
+    SocketSource,
+    allow_fragmentation,
+    attach_filter,
+    family_of,
+    open_socket,
+)
 from caplance.transports.udp import SocketSender
 
 __all__ = ["GreRawTransport", "GreTransport", "GreReceiver", "kernel_gre_available"]

@@ -22,9 +22,9 @@ from __future__ import annotations
 import socket
 from typing import Final
 
+from caplance.bpf import reject_all
 from caplance.encapsulation import gue_decapsulate, udp_decapsulate
 from caplance.netops import IPAddress, NetOps
-from caplance.bpf import reject_all
 from caplance.sockets import allow_fragmentation, attach_filter, family_of, open_socket
 from caplance.transports.udp import DatagramReceiver, SocketSender, UdpTransport
 
