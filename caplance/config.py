@@ -315,7 +315,7 @@ class BalancerConfig:
         metadata=_doc('agents\' control channel, "address:port"; none = static backends only'),
     )
     control_socket: str = attrs.field(default="/run/caplance/balancer.sock", metadata=_doc("unix socket for caplance ctl"))
-    metrics: Endpoint | None = attrs.field(default=None, converter=_optional_endpoint, metadata=_doc('reserved for a Prometheus endpoint "address:port": checked, not served yet'))
+    metrics: Endpoint | None = attrs.field(default=None, converter=_optional_endpoint, metadata=_doc('Prometheus metrics (GET /metrics) on "address:port"; none = off'))
     secret_file: str | None = attrs.field(default=None, metadata=_doc("file holding the shared secret (or set CAPLANCE_SECRET)"))
     secret: Secret | None = attrs.field(default=None, metadata=_doc("never in the file: from CAPLANCE_SECRET, else secret_file"))
     allowed_networks: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_networks, metadata=_doc("who may register; empty = any"))
