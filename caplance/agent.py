@@ -53,10 +53,13 @@ _NO_PORTS = b"\x00\x00\x00\x00"
 class AgentStats:
     received: int = 0
     injected: int = 0
+    #: encapsulated packets from sources that are not our balancers
+    refused_sources: int = 0
     dropped: collections.Counter[str] = attrs.field(factory=collections.Counter)
 
     def snapshot(self) -> dict[str, Any]:
-        return {"received": self.received, "injected": self.injected, "dropped": dict(self.dropped)}
+        return {"received": self.received, "injected": self.injected,
+                "refused_sources": self.refused_sources, "dropped": dict(self.dropped)}
 
 
 class Agent:
@@ -127,11 +130,14 @@ class Agent:
             for vip in self.config.vips:
                 netops.add_address(vip, self.config.vip_interface)
             targets = self._open_injectors(netops)
+            if not self.config.allowed_sources:
+                log.warning("no balancer or balancers configured: accepting encapsulated packets"
+                            " from any source", extra={"agent": self.config.name})
             source = self._transport().open_receiver(self.config.data_address, netops)
             log.info("agent ready", extra={"agent": self.config.name,
                                            "vips": [str(v) for v in self.config.vips]})
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, source, functools.partial(self._drain, targets),
+                nursery.start_soon(pump, source, functools.partial(self._drain, targets, source),
                                    self._receive_error)
                 if self.config.balancer is not None:
                     nursery.start_soon(run_agent_control, self, self._probes)
@@ -162,10 +168,11 @@ class Agent:
         self.stats.dropped["receive_error"] += 1
         log.warning("agent receive failed", extra={"error": str(exc)})
 
-    def _drain(self, targets: dict[bytes, Callable[[bytes], object]],
+    def _drain(self, targets: dict[bytes, Callable[[bytes], object]], source: object,
                receive: Callable[[], bytes]) -> bool:
         stats = self.stats
         dropped = stats.dropped
+        stats.refused_sources = getattr(source, "refused", 0)
         for _ in range(BATCH):
             try:
                 inner = receive()

@@ -59,6 +59,8 @@ BATCH = 256
 #: ICMP "too big" answers: at most this many per second, in bursts of at most ICMP_BURST
 ICMP_RATE = 50.0
 ICMP_BURST = 50
+#: seconds a gone backend stays listed (in ``caplance ctl status``) before it is forgotten
+FORGET_GONE_AFTER = 300.0
 
 _SenderKey = tuple[str, tuple[tuple[str, Any], ...], IPAddress]
 
@@ -157,8 +159,9 @@ class Balancer:
         self._dirty_event = trio.Event()
         self._rebuilding = False
         self.rebuilds = 0
-        #: registered agents' control sessions: name -> push a message to that agent
-        self.sessions: dict[str, Callable[[dict[str, Any]], None]] = {}
+        #: registered agents' control sessions: name -> push a message to that agent (None:
+        #: close the session)
+        self.sessions: dict[str, Callable[[dict[str, Any] | None], None]] = {}
         for vip in config.vips:
             for backend in vip.backends:
                 if backend.name in self.membership:
@@ -220,7 +223,10 @@ class Balancer:
         finally:
             problems = netops.undo_all()
             for sender in self._senders.values():
-                sender.close()
+                try:
+                    sender.close()
+                except Exception as exc:  # noqa: BLE001 - close the others regardless
+                    problems.append(f"close sender: {exc!r}")
             self._senders.clear()
             log.info("balancer detached", extra={"cleanup_problems": problems})
 
@@ -242,10 +248,16 @@ class Balancer:
             "backend": change.name, "from": change.old.value, "to": change.new.value,
             "reason": change.reason,
         })
-        if change.name in self.membership:
-            self.mark_dirty(self.membership.get(change.name).vips)
+        if change.name not in self.membership:
+            return
+        member = self.membership.get(change.name)
+        self.mark_dirty(member.vips)
         notify = self.sessions.get(change.name)
-        if notify is not None and change.new is not change.old:
+        if notify is None or change.new is change.old:
+            return
+        if change.new is State.GONE and not member.leaving:
+            notify(None)  # lost, not sent away: close the session; the agent may come back
+        else:
             notify(codec.message("state", state=change.new.value))
 
     def mark_dirty(self, vips: tuple[IPAddress, ...]) -> None:
@@ -254,14 +266,25 @@ class Balancer:
 
     def add_member(self, member: Member) -> None:
         """Add a backend (in state registering: it gets no traffic until activated)."""
+        if member.name in self.membership:  # a re-registration: the old VIPs need rebuilding
+            self.mark_dirty(self.membership.get(member.name).vips)
         for change in self.membership.add(member, trio.current_time()):
             self.log_transition(change)
         self.log_transition(Transition(member.name, State.GONE, member.state, "registered"))
 
-    def set_state(self, name: str, state: State, reason: str, *, drain_timeout: float | None = None) -> None:
-        """Move backend ``name`` to ``state``. Raises :class:`MembershipError`."""
+    def set_state(self, name: str, state: State, reason: str, *, drain_timeout: float | None = None,
+                  by_operator: bool = False) -> None:
+        """Move backend ``name`` to ``state``. Raises :class:`MembershipError`.
+
+        ``by_operator`` drains and deregistrations are final: the agent is told it is gone
+        and does not register again. Other losses (heartbeats, connection) only close its
+        session, and it comes back when it can.
+        """
         now = trio.current_time()
-        deadline = now + (drain_timeout or self.config.drain_timeout) if state is State.DRAINING else None
+        timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        deadline = now + timeout if state is State.DRAINING else None
+        if by_operator and state in (State.DRAINING, State.GONE):
+            self.membership.get(name).leaving = True
         self.log_transition(self.membership.transition(name, state, now, reason, drain_deadline=deadline))
 
     def heartbeat(self, name: str, healthy: bool) -> None:
@@ -297,6 +320,7 @@ class Balancer:
             await trio.sleep(period)
             for change in self.membership.expire(trio.current_time(), self.config.heartbeat_timeout):
                 self.log_transition(change)
+            self.membership.forget_gone(trio.current_time(), after=FORGET_GONE_AFTER)
 
     # -- selectors: built off the forwarding path, swapped in whole ------------------------
 
@@ -322,8 +346,9 @@ class Balancer:
                 try:
                     selector = await trio.to_thread.run_sync(
                         lambda: plugins.build_selector(vip.selector.name, weights, vip.selector.options))
-                except CaplanceError as exc:
-                    log.error("selector rebuild failed", extra={"vip": str(address), "error": str(exc)})
+                except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop the balancer
+                    log.error("selector rebuild failed; keeping the previous one",
+                              extra={"vip": str(address), "error": repr(exc)})
                     continue
                 # Membership may have moved on while we built; the next round catches up.
                 self._vips[address.packed] = self._build_vip(address, selector)

@@ -99,8 +99,12 @@ def check_port(value: object) -> Port:
     return Port(_int_in(value, 1, 65535))
 
 
+#: the largest weight: enough for any ratio, small enough that every selector can build
+MAX_WEIGHT = 65535
+
+
 def check_weight(value: object) -> Weight:
-    return Weight(_int_in(value, 0, None))
+    return Weight(_int_in(value, 0, MAX_WEIGHT))
 
 
 def check_count(value: object) -> Count:
@@ -123,6 +127,20 @@ def check_ifname(value: object) -> IfName:
     if not isinstance(value, str) or not 0 < len(value) <= 15 or "/" in value or " " in value:
         raise ValueError(f"expected an interface name of 1 to 15 characters, got {_got(value)}")
     return IfName(value)
+
+
+def check_http_url(value: object) -> str:
+    """An ``http://host[:port]/path`` URL (what the agent's local check can GET)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value) if isinstance(value, str) else None
+        if parts is not None and parts.scheme == "http" and parts.hostname:
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+            return str(value)
+    except ValueError:
+        pass
+    raise ValueError(f'expected an URL such as "http://127.0.0.1:8080/health", got {_got(value)}')
 
 
 def to_ip(value: object) -> IPAddress:
@@ -337,7 +355,8 @@ class LocalCheckConfig:
     """A check the agent runs on its own host; failing it reports the backend unhealthy."""
 
     command: tuple[str, ...] = attrs.field(default=(), metadata=_doc("argv; exit 0 = healthy"))
-    url: str | None = attrs.field(default=None, metadata=_doc("HTTP URL; 2xx = healthy"))
+    url: str | None = attrs.field(default=None, validator=attrs.validators.optional(_v(check_http_url)),
+                                  metadata=_doc("HTTP URL; 2xx = healthy"))
     interval: Seconds = attrs.field(default=Seconds(2.0), validator=_v(check_seconds), metadata=_doc("seconds between checks"))
     timeout: Seconds = attrs.field(default=Seconds(1.0), validator=_v(check_seconds), metadata=_doc("seconds per check"))
 

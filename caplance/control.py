@@ -12,15 +12,17 @@ import ipaddress
 import logging
 import random
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from caplance import control_codec as codec
-from caplance.config import PluginConfig, to_ip
+from caplance.config import PluginConfig, check_name, check_weight, to_ip
 from caplance.errors import CaplanceError
 from caplance.membership import Member, MembershipError, State
-from caplance.netops import NetOps
+from caplance.netops import IPAddress, NetOps
+from caplance.sockets import open_listeners
 from caplance.packet import flow_key
 
 if TYPE_CHECKING:
@@ -45,11 +47,12 @@ class FramedStream:
 
     def __init__(self, stream: trio.abc.Stream, max_frame: int = codec.MAX_FRAME) -> None:
         self.stream = stream
+        self._max_frame = max_frame
         self._decoder = codec.FrameDecoder(max_frame)
         self._ready: list[dict[str, Any]] = []
 
     async def send(self, msg: dict[str, Any]) -> None:
-        await self.stream.send_all(codec.encode(msg))
+        await self.stream.send_all(codec.encode(msg, self._max_frame))
 
     async def receive(self) -> dict[str, Any]:
         """The next message. Raises :class:`codec.ProtocolError` on bad input and
@@ -102,7 +105,7 @@ async def serve_agents(balancer: Balancer, netops: NetOps, *,
     """Accept agents on the configured control address until cancelled."""
     endpoint = balancer.config.control
     assert endpoint is not None
-    listeners = await trio.open_tcp_listeners(endpoint.port, host=str(endpoint.host))
+    listeners = await open_listeners(endpoint, "control channel")
     log.info("control channel listening", extra={"address": str(endpoint)})
     task_status.started()
     await trio.serve_listeners(functools.partial(_balancer_session, balancer), listeners)
@@ -165,11 +168,14 @@ async def _balancer_session(balancer: Balancer, stream: trio.SocketStream) -> No
             counters["internal_error"] += 1
             log.error("control session failed", exc_info=exc)
     finally:
-        if member is not None:
-            balancer.sessions.pop(member.name, None)
-            current = balancer.membership.get(member.name) if member.name in balancer.membership else None
-            if current is member and member.state is not State.GONE:
-                balancer.set_state(member.name, State.GONE, "control connection lost")
+        if member is not None and _current(balancer, member) and member.state is not State.GONE:
+            balancer.set_state(member.name, State.GONE, "control connection lost")
+
+
+def _current(balancer: Balancer, member: Member) -> bool:
+    """Whether ``member`` is still the one registered under its name (a re-registration
+    replaces it; the old session must then leave the new member alone)."""
+    return member.name in balancer.membership and balancer.membership.get(member.name) is member
 
 
 async def _handshake(balancer: Balancer, framed: FramedStream, secret: bytes) -> Member | None:
@@ -188,15 +194,7 @@ async def _handshake(balancer: Balancer, framed: FramedStream, secret: bytes) ->
         await _refuse(framed, balancer, "authentication failed", "auth")
         return None
     try:
-        address = to_ip(register["data_address"])
-        vips = tuple(to_ip(vip) for vip in register["vips"])
-        transport = PluginConfig(name=register["transport"].get("name", ""),
-                                 options=register["transport"].get("options", {}))
-        balancer.transport(transport)  # refuses unknown transports and bad options
-        for vip in vips:
-            balancer.vip_config(vip)
-        if register["weight"] < 0:
-            raise ValueError("negative weight")
+        address, vips, transport = _check_registration(balancer, register)
     except (CaplanceError, ValueError, TypeError, AttributeError) as exc:
         await _refuse(framed, balancer, f"bad registration: {exc}", "malformed")
         return None
@@ -208,6 +206,27 @@ async def _handshake(balancer: Balancer, framed: FramedStream, secret: bytes) ->
     balancer.add_member(member)
     balancer.stats.control["registrations"] += 1
     return member
+
+
+def _check_registration(balancer: Balancer, register: dict[str, Any]) -> tuple[IPAddress, tuple[IPAddress, ...], PluginConfig]:
+    """Everything a register message says, checked before anything changes. Raises
+    ``ValueError``/``CaplanceError`` saying what is wrong."""
+    check_name(register["name"])
+    check_weight(register["weight"])
+    address = to_ip(register["data_address"])
+    if address.is_unspecified or address.is_loopback or address.is_multicast:
+        raise ValueError(f"data address {address} cannot receive from the balancer")
+    vips = tuple(to_ip(vip) for vip in register["vips"])
+    if not vips or len(set(vips)) != len(vips):
+        raise ValueError("vips must list each VIP once, at least one")
+    if address in vips:
+        raise ValueError("the data address may not be a VIP")
+    for vip in vips:
+        balancer.vip_config(vip)  # a VIP of this balancer
+    spec = register["transport"]
+    transport = PluginConfig(name=spec.get("name", ""), options=spec.get("options", {}))
+    balancer.transport(transport)  # refuses unknown transports and bad options
+    return address, vips, transport
 
 
 async def _prove_data_path(balancer: Balancer, framed: FramedStream, member: Member) -> None:
@@ -234,52 +253,67 @@ async def _prove_data_path(balancer: Balancer, framed: FramedStream, member: Mem
                         nursery.cancel_scope.cancel()
                         break
     except trio.TooSlowError:
-        balancer.set_state(member.name, State.GONE, "data path proof failed")
+        if _current(balancer, member):
+            balancer.set_state(member.name, State.GONE, "data path proof failed")
         await _refuse(framed, balancer, "data path proof failed: no probe echoed in time", "proof")
         raise Refused("data path proof failed") from None
+    if not _current(balancer, member):
+        raise Refused("replaced by a newer registration")
     balancer.set_state(member.name, State.ACTIVE, "data path proven")
     await framed.send(codec.message("active"))
 
 
 async def _serve_member(balancer: Balancer, framed: FramedStream, member: Member) -> None:
-    """Heartbeats and state requests until the agent leaves or the connection ends."""
-    outbox_send, outbox = trio.open_memory_channel[dict[str, Any]](16)
+    """Heartbeats (echoed, so the agent knows we live) and state requests until the agent
+    leaves, the connection ends, or the balancer closes the session."""
+    outbox_send, outbox = trio.open_memory_channel[dict[str, Any] | None](16)
 
-    def notify(msg: dict[str, Any]) -> None:
+    def notify(msg: dict[str, Any] | None) -> None:
         try:
             outbox_send.send_nowait(msg)
         except trio.WouldBlock:
             log.warning("agent not reading its control channel", extra={"backend": member.name})
 
     balancer.sessions[member.name] = notify
-    async with trio.open_nursery() as nursery:
-        async def writer() -> None:
-            async for msg in outbox:
-                await framed.send(msg)
-                if msg["type"] == "state" and msg["state"] == State.GONE.value:
-                    nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            async def writer() -> None:
+                async for msg in outbox:
+                    if msg is None:  # lost (not sent away): hang up, the agent comes back
+                        nursery.cancel_scope.cancel()
+                        return
+                    await framed.send(msg)
+                    if msg["type"] == "state" and msg["state"] == State.GONE.value:
+                        nursery.cancel_scope.cancel()
+                        return
 
-        nursery.start_soon(writer)
-        while True:
-            with trio.fail_after(balancer.config.heartbeat_timeout * 2):
-                msg = await framed.receive()
-            kind = msg["type"]
-            if kind == "heartbeat":
-                balancer.heartbeat(member.name, msg["healthy"])
-            elif kind == "state":
-                wanted = {"active": State.ACTIVE, "paused": State.PAUSED, "draining": State.DRAINING}
-                if msg["state"] not in wanted:
-                    raise codec.ProtocolError("bad_state", msg["state"][:20])
-                try:
-                    balancer.set_state(member.name, wanted[msg["state"]], "requested by the agent")
-                except MembershipError as exc:
-                    log.warning("agent state request refused", extra={"error": str(exc)})
-            elif kind == "deregister":
-                balancer.set_state(member.name, State.GONE, "deregistered by the agent")
-                nursery.cancel_scope.cancel()
-                return
-            else:
-                raise codec.ProtocolError("unexpected_message", kind)
+            nursery.start_soon(writer)
+            while True:
+                with trio.fail_after(balancer.config.heartbeat_timeout * 2):
+                    msg = await framed.receive()
+                if not _current(balancer, member):
+                    raise Refused("replaced by a newer registration")
+                kind = msg["type"]
+                if kind == "heartbeat":
+                    balancer.heartbeat(member.name, msg["healthy"])
+                    notify(codec.message("heartbeat", seq=msg["seq"], healthy=True))
+                elif kind == "state":
+                    wanted = {"active": State.ACTIVE, "paused": State.PAUSED, "draining": State.DRAINING}
+                    if msg["state"] not in wanted:
+                        raise codec.ProtocolError("bad_state", msg["state"][:20])
+                    try:
+                        balancer.set_state(member.name, wanted[msg["state"]], "requested by the agent")
+                    except MembershipError as exc:
+                        log.warning("agent state request refused", extra={"error": str(exc)})
+                elif kind == "deregister":
+                    balancer.set_state(member.name, State.GONE, "deregistered by the agent")
+                    nursery.cancel_scope.cancel()
+                    return
+                else:
+                    raise codec.ProtocolError("unexpected_message", kind)
+    finally:
+        if balancer.sessions.get(member.name) is notify:
+            del balancer.sessions[member.name]
 
 
 # -- the agent's side ----------------------------------------------------------------------
@@ -292,13 +326,16 @@ async def run_agent_control(agent: Agent, probes: trio.MemoryReceiveChannel[str]
     endpoint = agent.config.balancer
     assert endpoint is not None
     backoff = 0.2
+
+    def registered() -> None:
+        nonlocal backoff
+        backoff = 0.2
+
     while not agent.left:
         try:
             stream = await trio.open_tcp_stream(str(endpoint.host), endpoint.port)
             async with stream:
-                registered = await _register_and_serve(agent, FramedStream(stream), probes)
-            if registered:
-                backoff = 0.2
+                await _register_and_serve(agent, FramedStream(stream), probes, registered)
         except BaseException as raised:
             exc = session_error(raised)
             if isinstance(exc, Refused):
@@ -317,8 +354,8 @@ async def run_agent_control(agent: Agent, probes: trio.MemoryReceiveChannel[str]
         backoff = min(backoff * 2, 10.0)
 
 
-async def _register_and_serve(agent: Agent, framed: FramedStream,
-                              probes: trio.MemoryReceiveChannel[str]) -> bool:
+async def _register_and_serve(agent: Agent, framed: FramedStream, probes: trio.MemoryReceiveChannel[str],
+                              registered: Callable[[], None]) -> None:
     config = agent.config
     secret = config.secret
     if secret is None:
@@ -356,8 +393,8 @@ async def _register_and_serve(agent: Agent, framed: FramedStream,
             await framed.expect("active")
             nursery.cancel_scope.cancel()
     log.info("registered with the balancer", extra={"agent": config.name, "balancer": str(config.balancer)})
+    registered()
     await _agent_registered(agent, framed)
-    return True
 
 
 async def _agent_registered(agent: Agent, framed: FramedStream) -> None:
@@ -381,8 +418,10 @@ async def _agent_registered(agent: Agent, framed: FramedStream) -> None:
 
         nursery.start_soon(heartbeats)
         nursery.start_soon(requests)
+        silence = max(3 * agent.config.heartbeat_interval, HANDSHAKE_TIMEOUT)
         while True:
-            msg = await framed.receive()
+            with trio.fail_after(silence):  # the balancer echoes every heartbeat
+                msg = await framed.receive()
             if msg["type"] == "state":
                 agent.balancer_state = msg["state"]
                 log.info("balancer changed our state", extra={"agent": agent.config.name, "state": msg["state"]})

@@ -92,12 +92,12 @@ def message(kind: str, **fields: Any) -> dict[str, Any]:
     return {"v": VERSION, "type": kind, **fields}
 
 
-def encode(msg: Mapping[str, Any]) -> bytes:
+def encode(msg: Mapping[str, Any], max_frame: int = MAX_FRAME) -> bytes:
     """One frame for ``msg``. Raises :class:`ProtocolError` if it is invalid or too big."""
     validate(msg)
     body = json.dumps(msg, separators=(",", ":"), sort_keys=True).encode()
-    if len(body) > MAX_FRAME:
-        raise ProtocolError("frame_too_large", f"{len(body)} > {MAX_FRAME} bytes")
+    if len(body) > max_frame:
+        raise ProtocolError("frame_too_large", f"{len(body)} > {max_frame} bytes")
     return _LENGTH.pack(len(body)) + body
 
 
@@ -139,7 +139,7 @@ class FrameDecoder:
             del self._buffer[: _LENGTH.size + length]
             try:
                 decoded = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd integers
                 raise ProtocolError("bad_json", str(exc)[:80]) from exc
             yield validate(decoded)
 
@@ -164,8 +164,8 @@ def mac(secret: bytes, label: str, *parts: str) -> str:
 
 
 def verify_mac(secret: bytes, proof: str, label: str, *parts: str) -> bool:
-    """Constant-time check of a :func:`mac`."""
-    return hmac.compare_digest(mac(secret, label, *parts), proof)
+    """Constant-time check of a :func:`mac` (any string is safe to pass as ``proof``)."""
+    return hmac.compare_digest(mac(secret, label, *parts).encode(), proof.encode("utf-8", "replace"))
 
 
 def registration_fields(msg: Mapping[str, Any]) -> tuple[str, ...]:

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 COMMANDS = ("status", "pause", "resume", "drain", "deregister")
 _TIMEOUT = 5.0
+#: a status reply lists every backend: allow far more than the control channel's frames
+CTL_MAX_FRAME = 16 * 1024 * 1024
 
 
 def status_rows(balancer: Balancer) -> dict[str, Any]:
@@ -63,15 +65,20 @@ def _execute(balancer: Balancer, command: str, args: list[Any]) -> Any:
     if command not in COMMANDS or not args or not isinstance(args[0], str):
         raise CaplanceError(f"usage: {command} NAME")
     name = args[0]
+    if balancer.membership.get(name).state is State.REGISTERING:
+        raise CaplanceError(f"{name} is still registering (its data path is not proven yet)")
     if command == "pause":
         balancer.set_state(name, State.PAUSED, "paused by operator")
     elif command == "resume":
         balancer.set_state(name, State.ACTIVE, "resumed by operator")
     elif command == "drain":
         timeout = float(args[1]) if len(args) > 1 else None
-        balancer.set_state(name, State.DRAINING, "drained by operator", drain_timeout=timeout)
+        if timeout is not None and not 0 <= timeout <= 86400:
+            raise CaplanceError(f"drain timeout must be 0 to 86400 seconds, got {args[1]!r}")
+        balancer.set_state(name, State.DRAINING, "drained by operator", drain_timeout=timeout,
+                           by_operator=True)
     else:
-        balancer.set_state(name, State.GONE, "deregistered by operator")
+        balancer.set_state(name, State.GONE, "deregistered by operator", by_operator=True)
     return f"{name}: {balancer.membership.get(name).state.value}"
 
 
@@ -126,7 +133,7 @@ def _remove(path: str) -> None:
 
 
 async def _ctl_session(balancer: Balancer, stream: trio.SocketStream) -> None:
-    framed = FramedStream(stream)
+    framed = FramedStream(stream, CTL_MAX_FRAME)
     async with stream:
         try:
             with trio.fail_after(_TIMEOUT):
@@ -151,10 +158,13 @@ async def send_command(path: str, command: str, args: list[Any]) -> Any:
         raise CaplanceError(f"cannot reach the balancer at {path}: {exc.strerror or exc}"
                             " (is it running? are you root?)") from exc
     async with stream:
-        framed = FramedStream(stream)
-        with trio.fail_after(_TIMEOUT):
-            await framed.send(codec.message("command", command=command, args=args))
-            reply = await framed.expect("reply")
+        framed = FramedStream(stream, CTL_MAX_FRAME)
+        try:
+            with trio.fail_after(_TIMEOUT):
+                await framed.send(codec.message("command", command=command, args=args))
+                reply = await framed.expect("reply")
+        except (trio.TooSlowError, trio.BrokenResourceError, codec.ProtocolError, OSError) as exc:
+            raise CaplanceError(f"no answer from the balancer at {path}: {exc!r}") from exc
     if not reply["ok"]:
         raise CaplanceError(str(reply["result"]))
     return reply["result"]

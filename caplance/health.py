@@ -83,22 +83,23 @@ async def check_once(address: IPAddress, config: HealthCheckConfig) -> bool:
 
 async def run_health_checks(balancer: Balancer, vip: IPAddress, config: HealthCheckConfig) -> None:
     """Check every backend of ``vip`` every ``config.interval`` until cancelled."""
-    trackers: dict[str, Tracker] = {}
+    trackers: dict[int, Tracker] = {}  # by member identity: a re-registration starts afresh
     while True:
-        members = balancer.vip_members(vip)
-        results: dict[str, bool] = {}
+        members = {id(member): member for member in balancer.vip_members(vip)}
+        results: dict[int, bool] = {}
         async with trio.open_nursery() as nursery:
-            for member in members:
-                async def one(name: str = member.name, address: IPAddress = member.address) -> None:
-                    results[name] = await check_once(address, config)
+            for key, member in members.items():
+                async def one(key: int = key, address: IPAddress = member.address) -> None:
+                    results[key] = await check_once(address, config)
                 nursery.start_soon(one)
-        for name, passed in results.items():
-            tracker = trackers.setdefault(name, Tracker(config.rise, config.fall))
+        for key, passed in results.items():
+            tracker = trackers.setdefault(key, Tracker(config.rise, config.fall))
             flipped = tracker.record(passed)
-            if flipped is not None:
-                balancer.set_check_health(name, flipped)
-        for name in set(trackers) - {m.name for m in members}:
-            del trackers[name]
+            still_there = any(m is members[key] for m in balancer.vip_members(vip))
+            if flipped is not None and still_there:
+                balancer.set_check_health(members[key].name, flipped)
+        for key in set(trackers) - set(members):
+            del trackers[key]
         await trio.sleep(config.interval)
 
 
@@ -114,7 +115,7 @@ async def run_local_check(agent: Agent, config: LocalCheckConfig) -> None:
                     passed = done.returncode == 0
                 else:
                     passed = await _url_ok(config.url or "")
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 log.warning("local health check cannot run", extra={"error": str(exc)})
         if passed != agent.healthy:
             log.info("local health check changed", extra={"agent": agent.config.name, "healthy": passed})

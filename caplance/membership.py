@@ -65,6 +65,8 @@ class Member:
     agent_healthy: bool = True
     check_healthy: bool = True
     drain_deadline: float | None = None
+    #: an operator asked it to leave (drain or deregister): once gone, it stays gone
+    leaving: bool = False
 
     @property
     def healthy(self) -> bool:
@@ -119,9 +121,12 @@ class Membership:
         self._members[member.name] = member
         return changes
 
-    def remove(self, name: str) -> None:
-        """Forget a gone member entirely."""
-        self._members.pop(name, None)
+    def forget_gone(self, now: float, after: float) -> list[str]:
+        """Forget members gone for longer than ``after`` seconds; their names."""
+        old = [m.name for m in self._members.values() if m.state is State.GONE and now - m.since > after]
+        for name in old:
+            del self._members[name]
+        return old
 
     def transition(self, name: str, new: State, now: float, reason: str, *,
                    drain_deadline: float | None = None) -> Transition | None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from caplance.ctl import status_rows
+from caplance.sockets import open_listeners
 
 if TYPE_CHECKING:
     from caplance.balancer import Balancer
@@ -72,7 +73,7 @@ async def serve_metrics(balancer: Balancer, *,
     """Serve ``GET /metrics`` on ``balancer.config.metrics`` until cancelled."""
     endpoint = balancer.config.metrics
     assert endpoint is not None
-    listeners = await trio.open_tcp_listeners(endpoint.port, host=str(endpoint.host))
+    listeners = await open_listeners(endpoint, "metrics")
     task_status.started()
     await trio.serve_listeners(functools.partial(_answer, balancer), listeners)
 
@@ -93,5 +94,5 @@ async def _answer(balancer: Balancer, stream: trio.SocketStream) -> None:
                 else:
                     body, head = b"not found\n", b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
                 await stream.send_all(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the balancer
             log.debug("metrics request failed", extra={"error": repr(exc)})

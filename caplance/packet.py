@@ -48,6 +48,7 @@ __all__ = [
     "udp_packet",
     "icmp_too_big",
     "dont_fragment",
+    "ip_length",
     "parse_flow",
     "segment_tcp",
 ]
@@ -172,8 +173,8 @@ def tcp_flags(packet: bytes) -> int:
     over); 0x10 (a plain ACK) where it cannot be read, as in non-first fragments. Never raises."""
     try:
         if packet[0] >> 4 == 4:
-            if packet[6] & 0x1F or packet[7]:
-                return 0x10
+            if packet[9] != IPPROTO_TCP or packet[6] & 0x1F or packet[7]:
+                return 0x10  # not TCP itself (an ICMP error about a TCP flow), or a fragment
             return packet[(packet[0] & 0x0F) * 4 + 13]
         proto, offset = packet[6], 40
         for _ in range(_IPV6_MAX_EXT):
@@ -340,6 +341,16 @@ def udp_packet(src: IPAddress, dst: IPAddress, sport: int, dport: int, payload: 
     checksum = internet_checksum(pseudo + udp) or 0xFFFF
     struct.pack_into("!H", udp, 6, checksum)
     return bytes(header + udp)
+
+
+def ip_length(packet: bytes) -> int:
+    """The length an IPv4/IPv6 header says its packet has (link padding not counted); the
+    buffer's own length if the header is too short to say."""
+    if len(packet) >= 20 and packet[0] >> 4 == 4:
+        return (packet[2] << 8) | packet[3]
+    if len(packet) >= 40 and packet[0] >> 4 == 6:
+        return 40 + ((packet[4] << 8) | packet[5])
+    return len(packet)
 
 
 def dont_fragment(packet: bytes) -> bool:

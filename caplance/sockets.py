@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -138,3 +139,12 @@ def allow_fragmentation(sock: socket.socket) -> None:
     so only packets whose sender allowed fragmentation get here oversized."""
     if sock.family == socket.AF_INET:
         sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DONT)
+
+
+async def open_listeners(endpoint: Any, what: str) -> list[trio.SocketListener]:
+    """TCP listeners on ``endpoint`` (host, port); an ``OSError`` (say, the port is taken)
+    becomes a :class:`CaplanceError` naming ``what`` and where."""
+    try:
+        return await trio.open_tcp_listeners(endpoint.port, host=str(endpoint.host))
+    except OSError as exc:
+        raise CaplanceError(f"cannot listen for the {what} on {endpoint}: {exc.strerror or exc}") from exc

@@ -39,7 +39,7 @@ _LITERAL: Any = typing.Literal
 _NAMED_TYPES: dict[Any, str] = {
     cfg.Port: "port (int 1-65535)",
     cfg.Seconds: "seconds (number > 0)",
-    cfg.Weight: "weight (int >= 0)",
+    cfg.Weight: "weight (int 0-65535)",
     cfg.Count: "count (int >= 1)",
     cfg.Name: "name (1-64 printable characters)",
     cfg.IfName: "interface name (1-15 characters)",

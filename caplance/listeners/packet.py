@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from caplance.bpf import vip_filter
 from caplance.errors import CaplanceError, MalformedPacket
 from caplance.netops import IPAddress, NetOps, read_link_type
-from caplance.packet import complete_checksum, segment_tcp
+from caplance.packet import complete_checksum, ip_length, segment_tcp
 from caplance.sockets import SocketSource, attach_filter, open_socket
 
 __all__ = ["PacketListener"]
@@ -34,6 +34,7 @@ _VNET_HEADER = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, c
 _NEEDS_CSUM = 1
 _GSO_TCP = (1, 4)
 _VLAN_TAGS = (b"\x81\x00", b"\x88\xa8")
+_MIN_PAYLOAD = 46  # an Ethernet frame carries at least this much: shorter packets are padded
 _ARPHRD_ETHER = 1
 _ARPHRD_LOOPBACK = 772  # VIRTIO_NET_HDR_GSO_TCPV4, _TCPV6 (the ECN bit 0x80 masked off)
 
@@ -55,6 +56,8 @@ class VnetSource(SocketSource):
             data = recv(size)
             # Fast path: nothing left undone, untagged IPv4 (0x0800) or IPv6 (0x86DD) frame.
             if not data[0] & _NEEDS_CSUM and not data[1] and data[fast_start - 2] in (0x08, 0x86):
+                if len(data) < fast_start + _MIN_PAYLOAD:  # maybe Ethernet padding: cut it off
+                    return _unpadded(data[fast_start:])
                 return data[fast_start:]
             return _finish_offloads(data, pending)
 
@@ -79,7 +82,14 @@ def _finish_offloads(data: bytes, pending: collections.deque[bytes]) -> bytes:
             return segments[0]
     except MalformedPacket:
         pass  # forward as received; the flow parser downstream counts it if it is garbage
-    return bytes(packet)
+    return _unpadded(bytes(packet))
+
+
+def _unpadded(packet: bytes) -> bytes:
+    """Drop Ethernet padding (frames are at least 60 bytes): the backend's raw socket would
+    take a padded packet's length as its own and break the TCP checksum."""
+    length = ip_length(packet)
+    return packet[:length] if length < len(packet) else packet
 
 
 class PacketListener:

@@ -38,7 +38,7 @@ from caplance.sockets import (
     family_of,
     open_socket,
 )
-from caplance.transports.udp import SocketSender
+from caplance.transports.udp import REFUSALS_PER_CALL, SocketSender
 
 __all__ = ["GreRawTransport", "GreTransport", "GreReceiver", "kernel_gre_available"]
 
@@ -66,20 +66,22 @@ class GreReceiver(SocketSource):
             recv = sock.recv
 
             def receive_nowait() -> bytes:
-                while True:
+                for _ in range(REFUSALS_PER_CALL):
                     source, payload = strip_outer_ipv4(recv(65535))
                     if allowed and source not in allowed_packed:
                         self.refused += 1
                         continue
                     return gre_decapsulate(payload)
+                raise BlockingIOError  # a flood from elsewhere: let the other tasks run
         else:
             def receive_nowait() -> bytes:
-                while True:
+                for _ in range(REFUSALS_PER_CALL):
                     payload, address = recvfrom(65535)
                     if allowed and socket.inet_pton(socket.AF_INET6, address[0].split("%")[0]) not in allowed_packed:
                         self.refused += 1
                         continue
                     return gre_decapsulate(payload)
+                raise BlockingIOError
 
         self.receive_nowait = receive_nowait
 
@@ -137,6 +139,10 @@ class KernelGreSender:
         self._ipr = IPRoute()
         try:
             local = _local_address(self._ipr, backend)
+        except NetOpsError:
+            self._ipr.close()
+            raise
+        try:
             self._ipr.link("add", ifname=self.ifname, kind=kind, gre_local=local, gre_remote=str(backend),
                            gre_ttl=64)
         except NetlinkError as exc:

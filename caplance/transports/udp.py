@@ -18,6 +18,8 @@ from caplance.sockets import SocketSource, allow_fragmentation, family_of, open_
 __all__ = ["DEFAULT_PORT", "UdpTransport", "SocketSender", "DatagramReceiver"]
 
 DEFAULT_PORT: Final = 7001
+#: datagrams from refused sources skipped in one receive before yielding to other tasks
+REFUSALS_PER_CALL: Final = 64
 
 
 class SocketSender:
@@ -56,12 +58,13 @@ class DatagramReceiver(SocketSource):
             return  # the plain socket recv: no Python frame per packet
 
         def receive_nowait() -> bytes:
-            while True:
+            for _ in range(REFUSALS_PER_CALL):
                 data, source = recvfrom(65535)
                 if allowed and source[0] not in allowed:
                     self.refused += 1
                     continue
                 return data if unwrap is None else unwrap(data)
+            raise BlockingIOError  # a flood from elsewhere: let the other tasks run
 
         self.receive_nowait = receive_nowait
 

@@ -103,9 +103,8 @@ def test_a_killed_agent_is_removed_and_healthy_backends_never_fail(lab: Lab) -> 
     client = fetch_in_background(lab, 500)
     time.sleep(1.0)
     agents["be2"].send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    wait_for(lambda: states(lab).get("be2") == "gone", timeout=2.0, what="be2 removed")
-    assert time.monotonic() - killed_at <= 2.0 + 0.5  # within the heartbeat timeout
+    # (its connection closes with it, so this is at once; a frozen agent is the test below)
+    wait_for(lambda: states(lab).get("be2") == "gone", timeout=2.0, what="be2 removed within the timeout")
     result = fetch_result(client)
     for attempt in result["attempts"]:
         if attempt["served_by"] is None:  # only flows that were be2's may fail
@@ -127,6 +126,9 @@ def test_a_frozen_agent_is_removed_after_the_heartbeat_timeout(lab: Lab) -> None
         assert result["failures"] == [] and set(result["served"]) == {"be2"}
     finally:
         agent.send_signal(signal.SIGCONT)
+    # lost is not sent away: once it runs again it registers again
+    wait_for(lambda: states(lab).get("be1") == "active", timeout=20, what="be1 back")
+    assert "be1" in fetch(lab, 40)["served"]
 
 
 def test_ctl_pause_resume_drain_deregister(lab: Lab) -> None:

@@ -114,7 +114,7 @@ weight = -1
     assert_invalid(done, path, [
         '@ $.vips[0].ports[1]: expected an int from 1 to 65535, got "http"',
         '@ $.vips[0].backends[0].address: expected an IP address, got "10.0.0.300"',
-        "@ $.vips[0].backends[0].weight: expected an int >= 0, got -1",
+        "@ $.vips[0].backends[0].weight: expected an int from 0 to 65535, got -1",
         '@ $.listener: unknown key "devices"',
         '@ $.control: expected "address:port" (IPv6: "[address]:port"), got "10.0.0.2"',
         ("@ $.secret: secrets may not be written in a config file; put it in a file named by"

@@ -67,7 +67,7 @@ def test_every_problem_is_listed_with_its_path_and_value() -> None:
         "$.vips[0].ports[1]": 'expected an int from 1 to 65535, got "http"',
         "$.vips[0].ports[2]": "expected an int from 1 to 65535, got 70000",
         "$.vips[0].backends[0].address": 'expected an IP address, got "nope"',
-        "$.vips[0].backends[0].weight": "expected an int >= 0, got -1",
+        "$.vips[0].backends[0].weight": "expected an int from 0 to 65535, got -1",
         "$.vips[0].backends[0]": 'unknown key "colour"',
         "$.listener.kind": 'expected one of "tun", "raw", "packet", got "carrier-pigeon"',
         "$.drain_timeout": "expected a number of seconds > 0, got 0",
@@ -407,7 +407,8 @@ FIELDS[BalancerConfig] = {
 }
 local_checks = st.one_of(
     builds(LocalCheckConfig, command=st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=3).map(tuple)),
-    builds(LocalCheckConfig, url=st.text(min_size=1, max_size=30)),
+    builds(LocalCheckConfig, url=st.builds("http://{}:{}/{}".format, st.sampled_from(["127.0.0.1", "localhost"]),
+                                           st.integers(1, 65535), st.text("abc/", max_size=8))),
 )
 FIELDS[AgentConfig] = {
     "name": names, "vips": st.lists(addresses, min_size=1, max_size=3).map(tuple),

@@ -130,3 +130,11 @@ def test_probes_are_recognised_and_only_probes(vip: str) -> None:
     assert codec.probe_token(probe, flow_key(probe)) == "abc123"
     other = codec.probe_packet(ipaddress.ip_address(vip), "abc123")[:-6] + b"!!!!!!"
     assert codec.probe_token(other, flow_key(other)) is None
+
+
+def test_absurd_integers_and_odd_proofs_are_protocol_errors_or_false() -> None:
+    body = b'{"v":1,"type":"heartbeat","seq":' + b"9" * 5000 + b',"healthy":true}'
+    with pytest.raises(codec.ProtocolError, match="bad_json"):
+        list(codec.FrameDecoder().feed(struct.pack("!I", len(body)) + body))
+    assert codec.verify_mac(SECRET, "\u00e9" * 64, "agent", "x") is False
+    assert codec.verify_mac(SECRET, "\ud800", "agent", "x") is False  # a lone surrogate

@@ -16,9 +16,11 @@ from caplance.packet import (
     flow_key,
     has_partial_checksum,
     internet_checksum,
+    ip_length,
     is_new_tcp_flow,
     parse_flow,
     segment_tcp,
+    tcp_flags,
 )
 from tests.builders import checksum, ext8, icmp, ipv4, ipv6, l4_checksum_ok, tcp, udp
 
@@ -237,3 +239,21 @@ def test_is_new_tcp_flow() -> None:
     assert is_new_tcp_flow(ipv6(CLIENT6, VIP6, 6, tcp(1, 80, flags=0x02)))
     assert not is_new_tcp_flow(ipv4(CLIENT, VIP, 17, udp(1, 80)))
     assert not is_new_tcp_flow(b"\x45")
+
+
+def test_tcp_flags_of_an_icmp_error_about_a_tcp_flow_are_neutral() -> None:
+    inner = ipv4(VIP, CLIENT, 6, tcp(80, 40000, flags=0x18))
+    for ident in range(0, 65536, 257):  # the quoted IP ID sits where a TCP flags byte would
+        quoted = inner[:4] + struct.pack("!H", ident) + inner[6:28]
+        error = ipv4("203.0.113.1", VIP, 1, icmp(3, 4, struct.pack("!HH", 0, 1400), quoted))
+        assert tcp_flags(error) == 0x10
+    assert tcp_flags(ipv4(CLIENT, VIP, 6, tcp(1, 2, flags=0x11))) == 0x11
+    assert tcp_flags(ipv6(CLIENT6, VIP6, 6, tcp(1, 2, flags=0x04), extensions=[(0, ext8())])) == 0x04
+
+
+def test_ip_length_ignores_link_padding() -> None:
+    packet = ipv4(CLIENT, VIP, 6, tcp(1, 2))
+    assert ip_length(packet + b"\x00" * 6) == len(packet) == 40
+    packet6 = ipv6(CLIENT6, VIP6, 17, udp(1, 2))
+    assert ip_length(packet6 + b"\x00" * 3) == len(packet6)
+    assert ip_length(b"\x45\x00") == 2

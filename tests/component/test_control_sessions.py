@@ -1,0 +1,154 @@
+"""The control channel over real loopback TCP, with a balancer on in-memory fakes: bad
+registrations are refused, good ones proven and activated, losses and departures told apart."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from caplance import control_codec as codec
+from caplance.balancer import Balancer
+from caplance.config import BalancerConfig, Secret, VipConfig
+from caplance.control import FramedStream
+from caplance.membership import State
+from caplance.testing import MemoryListener, RecordingTransport
+
+SECRET = b"test secret"
+VIP = ipaddress.ip_address("10.99.0.1")
+
+
+@attrs.define
+class Rig:
+    balancer: Balancer
+    transport: RecordingTransport
+    port: int
+    streams: list[trio.SocketStream] = attrs.field(factory=list)
+
+    async def connect(self) -> FramedStream:
+        stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+        self.streams.append(stream)  # closed by the fixture
+        return FramedStream(stream)
+
+    async def handshake(self, framed: FramedStream, **fields: Any) -> dict[str, Any]:
+        """hello/challenge/register with a valid proof over ``fields``; the answer."""
+        name = fields.get("name", "a")
+        nonce_a = codec.new_nonce()
+        await framed.send(codec.message("hello", name=name, nonce=nonce_a))
+        challenge = await framed.expect("challenge")
+        assert codec.verify_mac(SECRET, challenge["proof"], "balancer", nonce_a, challenge["nonce"], name)
+        register = codec.message("register", **{
+            "name": name, "data_address": "10.0.0.1", "transport": {"name": "udp", "options": {}},
+            "vips": [str(VIP)], "weight": 1, "proof": "", **fields})
+        register["proof"] = codec.mac(SECRET, "agent", challenge["nonce"], nonce_a,
+                                      *codec.registration_fields(register))
+        await framed.send(register)
+        return await framed.receive()
+
+    async def register(self, name: str = "a") -> FramedStream:
+        """A full registration: echo the probe the balancer sent through the transport."""
+        framed = await self.connect()
+        already = len(self.transport.sent)
+        assert (await self.handshake(framed, name=name))["type"] == "welcome"
+        while len(self.transport.sent) == already:
+            await trio.sleep(0.01)
+        _, probe = self.transport.sent[-1]
+        token = probe[28 + len(codec.PROBE_MAGIC):].decode()
+        await framed.send(codec.message("proof", token=token))
+        assert (await framed.expect("active"))["type"] == "active"
+        return framed
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    with trio.socket.socket() as probe:
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = BalancerConfig(vips=(VipConfig(address=VIP),), control=f"127.0.0.1:{port}",
+                            secret=Secret(SECRET), heartbeat_timeout=1.0,
+                            control_socket=str(tmp_path / "ctl.sock"))
+    transport = RecordingTransport()
+    balancer = Balancer(config, listener=MemoryListener(), transports={"udp": transport})
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(balancer.run)
+            made = Rig(balancer, transport, port)
+            yield made
+            for stream in made.streams:
+                await stream.aclose()
+            balancer.stop()
+
+
+@pytest.mark.parametrize(("fields", "problem"), [
+    ({"name": ""}, "expected a name"),
+    ({"weight": 10**9}, "expected an int from 0 to 65535"),
+    ({"weight": -1}, "expected an int from 0 to 65535"),
+    ({"vips": []}, "at least one"),
+    ({"vips": [str(VIP), str(VIP)]}, "each VIP once"),
+    ({"vips": ["10.99.0.2"]}, "not a VIP of this balancer"),
+    ({"data_address": "127.0.0.1"}, "cannot receive"),
+    ({"data_address": str(VIP)}, "may not be a VIP"),
+    ({"transport": {"name": "carrier-pigeon"}}, "not registered"),
+    ({"transport": {"name": "gue", "options": {"port": "x"}}}, "port must be an int"),
+])
+async def test_bad_registrations_are_refused_before_anything_changes(
+        rig: Rig, fields: dict[str, Any], problem: str) -> None:
+    framed = await rig.connect()
+    answer = await rig.handshake(framed, **fields)
+    assert answer["type"] == "refused" and problem in answer["reason"], answer
+    assert rig.balancer.membership.members() == []
+    assert rig.balancer.stats.control["refused_malformed"] == 1
+
+
+async def test_huge_numbers_and_odd_proofs_close_only_that_connection(rig: Rig) -> None:
+    framed = await rig.connect()
+    body = b'{"v":1,"type":"heartbeat","seq":' + b"9" * 5000 + b',"healthy":true}'
+    await framed.stream.send_all(len(body).to_bytes(4, "big") + body)
+    assert await framed.stream.receive_some(100) == b""  # hung up on
+    framed = await rig.connect()
+    nonce = codec.new_nonce()
+    await framed.send(codec.message("hello", name="a", nonce=nonce))
+    await framed.expect("challenge")
+    await framed.send(codec.message("register", name="a", data_address="10.0.0.1", weight=1,
+                                    transport={"name": "udp"}, vips=[str(VIP)], proof="\u00e9" * 64))
+    assert (await framed.receive())["reason"] == "authentication failed"
+    assert rig.balancer.stats.control["protocol_bad_json"] == 1
+    assert "internal_error" not in rig.balancer.stats.control
+    await rig.register("b")  # the balancer still serves
+
+
+async def test_a_lost_agent_is_hung_up_on_and_an_operator_removal_is_final(rig: Rig) -> None:
+    lost = await rig.register("lost")
+    # no heartbeats from "lost": after the timeout the balancer closes the session, without
+    # telling it it is gone for good (it may come back)
+    with trio.fail_after(5):
+        while rig.balancer.membership.get("lost").state is not State.GONE:
+            await trio.sleep(0.05)
+        with pytest.raises(trio.BrokenResourceError):
+            while True:
+                assert (await lost.receive())["type"] == "heartbeat"
+    sent_away = await rig.register("sent-away")
+    rig.balancer.set_state("sent-away", State.GONE, "test", by_operator=True)
+    with trio.fail_after(5):
+        while (msg := await sent_away.receive())["type"] == "heartbeat":
+            pass
+    assert msg == codec.message("state", state="gone")
+
+
+async def test_a_replaced_registration_cannot_touch_its_successor(rig: Rig) -> None:
+    old = await rig.register("a")
+    new = await rig.register("a")
+    successor = rig.balancer.membership.get("a")
+    assert successor.state is State.ACTIVE
+    await old.send(codec.message("state", state="paused"))  # from the replaced session
+    await new.send(codec.message("heartbeat", seq=1, healthy=True))
+    with trio.fail_after(5):
+        assert (await new.expect("heartbeat"))["seq"] == 1
+    assert rig.balancer.membership.get("a") is successor
+    assert successor.state is State.ACTIVE  # the old session's request did nothing
+    assert "a" in rig.balancer.sessions
