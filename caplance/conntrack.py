@@ -77,8 +77,9 @@ class FlowTable:
         """The backend remembered for ``key``, refreshed; None on a miss.
 
         ``tcp_flags`` is None for non-TCP packets. A FIN or RST moves a TCP flow to the
-        closing segment; a packet that is not a bare SYN promotes a new flow; a bare SYN on a
-        closing flow is a new connection on reused ports, so a miss.
+        closing segment; a packet that is not a bare SYN promotes a new flow. A bare SYN on an
+        established or closing flow is a new connection on reused ports (a client only sends
+        a SYN before its connection is established, while the flow is still new): a miss.
         """
         # The common case first, with no more work than it needs: an established flow.
         if tcp_flags is None:
@@ -107,9 +108,10 @@ class FlowTable:
                 found, segment = closing.get(key), CLOSING
         if found is None:
             found, segment = new.get(key), NEW
-        if found is None or (segment == CLOSING and tcp_flags is not None and tcp_flags & (_SYN | _ACK) == _SYN):
-            if found is not None:  # a new connection reusing a closed one's ports: pick afresh
-                del closing[key]
+        if found is None or (segment in (TCP, CLOSING) and tcp_flags is not None
+                             and tcp_flags & (_SYN | _ACK) == _SYN):
+            if found is not None:  # a new connection on an old one's ports: pick afresh
+                del self.segments[segment][key]
                 self.counters.expirations["reused"] += 1
             self.counters.misses += 1
             return None

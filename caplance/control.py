@@ -132,6 +132,7 @@ def _peer_allowed(balancer: Balancer, peer: str) -> bool:
 async def _balancer_session(balancer: Balancer, stream: trio.SocketStream) -> None:
     framed = FramedStream(stream)
     member: Member | None = None
+    session: _Outbox | None = None
     counters = balancer.stats.control
     handshaking = True
     try:
@@ -150,7 +151,9 @@ async def _balancer_session(balancer: Balancer, stream: trio.SocketStream) -> No
             if member is None:
                 return
             await _prove_data_path(balancer, framed, member)
-            await _serve_member(balancer, framed, member)
+            session = _open_session(balancer, member)
+            await framed.send(codec.message("active"))
+            await _serve_member(balancer, framed, member, session)
     except BaseException as raised:
         exc = session_error(raised)
         if isinstance(exc, codec.ProtocolError):
@@ -168,6 +171,8 @@ async def _balancer_session(balancer: Balancer, stream: trio.SocketStream) -> No
             counters["internal_error"] += 1
             log.error("control session failed", exc_info=exc)
     finally:
+        if session is not None and member is not None and balancer.sessions.get(member.name) is session[0]:
+            del balancer.sessions[member.name]
         if member is not None and _current(balancer, member) and member.state is not State.GONE:
             balancer.set_state(member.name, State.GONE, "control connection lost")
 
@@ -260,12 +265,14 @@ async def _prove_data_path(balancer: Balancer, framed: FramedStream, member: Mem
     if not _current(balancer, member):
         raise Refused("replaced by a newer registration")
     balancer.set_state(member.name, State.ACTIVE, "data path proven")
-    await framed.send(codec.message("active"))
 
 
-async def _serve_member(balancer: Balancer, framed: FramedStream, member: Member) -> None:
-    """Heartbeats (echoed, so the agent knows we live) and state requests until the agent
-    leaves, the connection ends, or the balancer closes the session."""
+_Outbox = tuple[Callable[[dict[str, Any] | None], None], trio.MemoryReceiveChannel[dict[str, Any] | None]]
+
+
+def _open_session(balancer: Balancer, member: Member) -> _Outbox:
+    """Register the session's outbox, so that state changes from now on (an operator's
+    pause or deregister, say, even before the agent has heard ``active``) reach the agent."""
     outbox_send, outbox = trio.open_memory_channel[dict[str, Any] | None](16)
 
     def notify(msg: dict[str, Any] | None) -> None:
@@ -275,45 +282,48 @@ async def _serve_member(balancer: Balancer, framed: FramedStream, member: Member
             log.warning("agent not reading its control channel", extra={"backend": member.name})
 
     balancer.sessions[member.name] = notify
-    try:
-        async with trio.open_nursery() as nursery:
-            async def writer() -> None:
-                async for msg in outbox:
-                    if msg is None:  # lost (not sent away): hang up, the agent comes back
-                        nursery.cancel_scope.cancel()
-                        return
-                    await framed.send(msg)
-                    if msg["type"] == "state" and msg["state"] == State.GONE.value:
-                        nursery.cancel_scope.cancel()
-                        return
+    return notify, outbox
 
-            nursery.start_soon(writer)
-            while True:
-                with trio.fail_after(balancer.config.heartbeat_timeout * 2):
-                    msg = await framed.receive()
-                if not _current(balancer, member):
-                    raise Refused("replaced by a newer registration")
-                kind = msg["type"]
-                if kind == "heartbeat":
-                    balancer.heartbeat(member.name, msg["healthy"])
-                    notify(codec.message("heartbeat", seq=msg["seq"], healthy=True))
-                elif kind == "state":
-                    wanted = {"active": State.ACTIVE, "paused": State.PAUSED, "draining": State.DRAINING}
-                    if msg["state"] not in wanted:
-                        raise codec.ProtocolError("bad_state", msg["state"][:20])
-                    try:
-                        balancer.set_state(member.name, wanted[msg["state"]], "requested by the agent")
-                    except MembershipError as exc:
-                        log.warning("agent state request refused", extra={"error": str(exc)})
-                elif kind == "deregister":
-                    balancer.set_state(member.name, State.GONE, "deregistered by the agent")
+
+async def _serve_member(balancer: Balancer, framed: FramedStream, member: Member, session: _Outbox) -> None:
+    """Heartbeats (echoed, so the agent knows we live) and state requests until the agent
+    leaves, the connection ends, or the balancer closes the session."""
+    notify, outbox = session
+    async with trio.open_nursery() as nursery:
+        async def writer() -> None:
+            async for msg in outbox:
+                if msg is None:  # lost (not sent away): hang up, the agent comes back
                     nursery.cancel_scope.cancel()
                     return
-                else:
-                    raise codec.ProtocolError("unexpected_message", kind)
-    finally:
-        if balancer.sessions.get(member.name) is notify:
-            del balancer.sessions[member.name]
+                await framed.send(msg)
+                if msg["type"] == "state" and msg["state"] == State.GONE.value:
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(writer)
+        while True:
+            with trio.fail_after(balancer.config.heartbeat_timeout * 2):
+                msg = await framed.receive()
+            if not _current(balancer, member):
+                raise Refused("replaced by a newer registration")
+            kind = msg["type"]
+            if kind == "heartbeat":
+                balancer.heartbeat(member.name, msg["healthy"])
+                notify(codec.message("heartbeat", seq=msg["seq"], healthy=True))
+            elif kind == "state":
+                wanted = {"active": State.ACTIVE, "paused": State.PAUSED, "draining": State.DRAINING}
+                if msg["state"] not in wanted:
+                    raise codec.ProtocolError("bad_state", msg["state"][:20])
+                try:
+                    balancer.set_state(member.name, wanted[msg["state"]], "requested by the agent")
+                except MembershipError as exc:
+                    log.warning("agent state request refused", extra={"error": str(exc)})
+            elif kind == "deregister":
+                balancer.set_state(member.name, State.GONE, "deregistered by the agent")
+                nursery.cancel_scope.cancel()
+                return
+            else:
+                raise codec.ProtocolError("unexpected_message", kind)
 
 
 # -- the agent's side ----------------------------------------------------------------------

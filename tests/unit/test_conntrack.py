@@ -87,8 +87,10 @@ def test_a_syn_on_a_closed_flow_is_a_new_connection() -> None:
     flows.lookup(key(1), FIN | ACK, 1)
     assert flows.lookup(key(1), SYN, 2) is None  # ports reused: choose again
     assert flows.counters.expirations["reused"] == 1
-    establish(flows, 2, "x")
-    assert flows.lookup(key(2), SYN, 3) == "x"  # a SYN on an open flow: a retransmission
+    flows.insert(key(2), "x", 3)
+    assert flows.lookup(key(2), SYN, 3) == "x"  # a SYN on a new flow: a retransmission
+    assert flows.lookup(key(2), ACK, 4) == "x"
+    assert flows.lookup(key(2), SYN, 5) is None  # on an established one: ports reused
 
 
 def test_reassign_points_a_flow_at_a_new_backend() -> None:
