@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
@@ -12,6 +12,15 @@ __all__ = ["Attempt", "FetchResult", "fetch_many", "format_served", "serve_name"
 
 _MAX_REQUEST = 8192
 _MAX_BODY = 16 * 1024 * 1024
+
+
+async def _serve_tcp(handle: Callable[[trio.SocketStream], Awaitable[None]], port: int,
+                     task_status: trio.TaskStatus[None]) -> None:
+    """Serve ``handle`` on ``port`` (every address); started once listening."""
+    listeners = await trio.open_tcp_listeners(port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handle, listeners)
+        task_status.started()
 
 
 async def serve_name(name: str, *, port: int = 80,
@@ -45,10 +54,7 @@ async def serve_name(name: str, *, port: int = 80,
             await stream.send_all(response)
         await stream.aclose()
 
-    listeners = await trio.open_tcp_listeners(port)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handle, listeners)
-        task_status.started()
+    await _serve_tcp(handle, port, task_status)
 
 
 @attrs.frozen
@@ -154,10 +160,7 @@ async def serve_echo(name: str, *, port: int = 8080,
         finally:
             await stream.aclose()
 
-    listeners = await trio.open_tcp_listeners(port)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handle, listeners)
-        task_status.started()
+    await _serve_tcp(handle, port, task_status)
 
 
 @attrs.frozen
