@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -56,7 +55,7 @@ async def run_until_signalled(service: Balancer | Agent, *, also_serve: str | No
     print(json.dumps(service.stats.snapshot()), flush=True)
 
 
-async def balancer_host(listener: str) -> None:
+async def balancer_host(listener: str, ctl_socket: str) -> None:
     config = BalancerConfig(
         listener=ListenerConfig(kind=listener, interface="eth0" if listener == "packet" else None),
         vips=(VipConfig(
@@ -64,7 +63,7 @@ async def balancer_host(listener: str) -> None:
             backends=tuple(BackendConfig(name=name, address=ipaddress.ip_address(address))
                            for name, address in BACKENDS.items()),
         ),),
-        control_socket=f"/run/caplance/demo-{os.getpid()}.sock",  # not the default: a real one may run
+        control_socket=ctl_socket,  # in the lab's folder: a real balancer may use the default
         drain_idle=0.2,
     )
     balancer = Balancer(config)
@@ -106,7 +105,8 @@ async def read_json_line(process: trio.Process) -> dict[str, object]:
 
 async def orchestrate(lab: Lab, requests: int, listener: str) -> int:
     me = [sys.executable, __file__]
-    hosts = {"lb": me + ["--host", "balancer", "--listener", listener]}
+    hosts = {"lb": me + ["--host", "balancer", "--listener", listener,
+                         "--ctl-socket", str(lab.workdir / "balancer.sock")]}
     hosts |= {name: me + ["--host", name] for name in BACKENDS}
     processes = {}
     try:
@@ -147,9 +147,10 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--listener", default="tun", choices=["tun", "raw", "packet"])
     parser.add_argument("--host", help=argparse.SUPPRESS)  # set when re-run inside a lab host
+    parser.add_argument("--ctl-socket", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.host == "balancer":
-        trio.run(balancer_host, args.listener)
+        trio.run(balancer_host, args.listener, args.ctl_socket)
     elif args.host == "client":
         trio.run(client_host, args.requests)
     elif args.host in BACKENDS:
