@@ -318,11 +318,18 @@ def complete_checksum(packet: bytearray, start: int, offset: int) -> None:
 
 
 def _pseudo_header_sum(packet: bytes | bytearray, l4_offset: int, l4_length: int) -> int:
+    """Ones' complement sum (folded, not inverted) of the TCP/UDP pseudo-header, read in
+    place: the raw listener asks this for every packet, so it allocates nothing."""
     if packet[0] >> 4 == 4:
-        head = bytes(packet[12:20]) + struct.pack("!BBH", 0, packet[9], l4_length)
+        start, end, proto = 12, 20, packet[9]
     else:
-        head = bytes(packet[8:40]) + struct.pack("!IxxxB", l4_length, packet[6])
-    return _ones_complement_sum(head)
+        start, end, proto = 8, 40, packet[6]
+    total = proto + (l4_length >> 16) + (l4_length & 0xFFFF)
+    for index in range(start, end, 2):
+        total += (packet[index] << 8) | packet[index + 1]
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
 
 
 def udp_packet(src: IPAddress, dst: IPAddress, sport: int, dport: int, payload: bytes) -> bytes:
