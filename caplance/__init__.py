@@ -25,6 +25,8 @@ if TYPE_CHECKING:
         PluginConfig,
         VipConfig,
     )
+    from caplance.control.plane import ControlPlane
+    from caplance.dataplane import DataPlane
     from caplance.errors import (
         CaplanceError,
         ConfigError,
@@ -32,18 +34,26 @@ if TYPE_CHECKING:
         NetOpsError,
         PluginError,
     )
+    from caplance.forwarding import BackendEntry, ForwardingTable, LookupTable, VipEntry
     from caplance.interfaces import (
         Listener,
         PacketSender,
         PacketSource,
         Selector,
         SelectorFactory,
+        TableSelector,
         Transport,
     )
 
 _EXPORTS = {
     "Agent": "caplance.agent",
     "Balancer": "caplance.balancer",
+    "ControlPlane": "caplance.control.plane",
+    "DataPlane": "caplance.dataplane",
+    "BackendEntry": "caplance.forwarding",
+    "ForwardingTable": "caplance.forwarding",
+    "LookupTable": "caplance.forwarding",
+    "VipEntry": "caplance.forwarding",
     "AgentConfig": "caplance.config",
     "BackendConfig": "caplance.config",
     "BalancerConfig": "caplance.config",
@@ -60,6 +70,7 @@ _EXPORTS = {
     "PacketSource": "caplance.interfaces",
     "Selector": "caplance.interfaces",
     "SelectorFactory": "caplance.interfaces",
+    "TableSelector": "caplance.interfaces",
     "Transport": "caplance.interfaces",
 }
 

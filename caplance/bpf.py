@@ -15,12 +15,24 @@ from caplance.packet import IPAddress
 
 __all__ = ["vip_filter", "reject_all"]
 
+#: a worker's share of the packets: (worker, workers, key on ports as well as the source)
+Share = tuple[int, int, bool]
+
 # Opcodes (linux/filter.h)
 _LD_W_ABS = 0x20
 _LD_H_ABS = 0x28
 _LD_B_ABS = 0x30
 _JEQ_K = 0x15
+_JSET_K = 0x45
 _RET_K = 0x06
+_LDX_B_MSH = 0xB1
+_LD_W_IND = 0x40
+_ST = 0x02
+_LDX_MEM = 0x61
+_XOR_X = 0xAC
+_RSH_K = 0x74
+_MOD_K = 0x94
+_TAX = 0x07
 
 _SKF_NET_OFF = -0x100000
 _SKF_AD_OFF = -0x1000
@@ -32,12 +44,18 @@ _ETH_P_IPV6 = 0x86DD
 _ACCEPT_BYTES = 0x40000
 
 
-def vip_filter(vips: Sequence[IPAddress], *, link_level: bool) -> bytes:
+def vip_filter(vips: Sequence[IPAddress], *, link_level: bool, share: Share | None = None) -> bytes:
     """A program accepting IPv4/IPv6 packets whose destination is one of ``vips``.
 
     With ``link_level`` (packet sockets) it also checks the EtherType and rejects the host's
-    own outgoing packets; without it (IPv4 raw sockets) only IPv4 VIPs are allowed. Raises
-    ``ValueError`` on an empty VIP list, IPv6 VIPs without ``link_level``, or too many VIPs.
+    own outgoing packets; without it (IPv4 raw sockets) only IPv4 VIPs are allowed.
+
+    ``share = (worker, workers, ports)`` (raw IPv4 sockets only) keeps one worker's share:
+    packets whose ``source address ^ (source port << 16 | destination port)`` (the ports only
+    with ``ports`` and when the packet is not a fragment), folded to 16 bits, is ``worker``
+    modulo ``workers``. Every packet of a flow has the same value, so each flow goes to one
+    worker. Raises ``ValueError`` on an empty VIP list, IPv6 VIPs without ``link_level``, a
+    share with ``link_level``, or too many VIPs.
     """
     if not vips:
         raise ValueError("a VIP filter needs at least one VIP")
@@ -74,8 +92,41 @@ def vip_filter(vips: Sequence[IPAddress], *, link_level: bool) -> bytes:
     code.append("reject")
     code.append((_RET_K, None, None, 0))
     code.append("accept")
+    if share is not None:
+        if link_level:
+            raise ValueError("a share is for raw IPv4 sockets, whose packets start at the IP header")
+        code += _share(*share)
     code.append((_RET_K, None, None, _ACCEPT_BYTES))
     return _assemble(code)
+
+
+def _share(worker: int, workers: int, ports: bool) -> list[tuple[int, str | None, str | None, int] | str]:
+    """Accept (fall through) this worker's packets, reject the others (see :func:`vip_filter`).
+    Loads are absolute: a raw IPv4 socket's packet starts at the IP header."""
+    if not 0 <= worker < workers:
+        raise ValueError(f"worker {worker} of {workers}")
+    fold_and_pick: list[tuple[int, str | None, str | None, int] | str] = [
+        (_TAX, None, None, 0), (_RSH_K, None, None, 16), (_XOR_X, None, None, 0),
+        (_MOD_K, None, None, workers),
+    ]
+    code: list[tuple[int, str | None, str | None, int] | str] = []
+    if ports:
+        code += [
+            (_LD_H_ABS, None, None, 6),  # flags and fragment offset
+            (_JSET_K, "whole_source", None, 0x3FFF),
+            (_LDX_B_MSH, None, None, 0),  # X = header length
+            (_LD_W_IND, None, None, 0),  # the ports
+            (_ST, None, None, 0),
+            (_LD_W_ABS, None, None, 12),  # the source address
+            (_LDX_MEM, None, None, 0),
+            (_XOR_X, None, None, 0),
+            *fold_and_pick,
+            (_JEQ_K, "mine", "theirs", worker),
+            "whole_source",
+        ]
+    code += [(_LD_W_ABS, None, None, 12), *fold_and_pick, (_JEQ_K, "mine", "theirs", worker),
+             "theirs", (_RET_K, None, None, 0), "mine"]
+    return code
 
 
 def _assemble(code: list[tuple[int, str | None, str | None, int] | str]) -> bytes:

@@ -19,7 +19,8 @@ import tomli_w
 import trio
 
 from caplance import plugins
-from caplance.config import SECRET_ENV, AgentConfig, BalancerConfig, load, read_toml, unstructure
+from caplance.config import SECRET_ENV, AgentConfig, BalancerConfig, unstructure
+from caplance.configfile import load, read_toml
 from caplance.errors import CaplanceError, ConfigError
 
 __all__ = ["build_parser", "main", "show"]
@@ -64,7 +65,7 @@ async def _serve(service: Any, stats_out: bool) -> None:
                 service.stop()
                 break
     if stats_out:
-        print(json.dumps(service.stats.snapshot()), flush=True)
+        print(json.dumps(service.snapshot()), flush=True)
 
 
 def _run_service(args: argparse.Namespace) -> int:
@@ -108,7 +109,7 @@ def show(config: BalancerConfig | AgentConfig, source: str, role: str) -> str:
 
 
 def _ctl(args: argparse.Namespace) -> int:
-    from caplance.ctl import format_status, send_command
+    from caplance.control.ctl import format_status, send_command
 
     command_args: list[Any] = [] if args.ctl_command == "status" else [args.name]
     if getattr(args, "timeout", None) is not None:

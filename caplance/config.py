@@ -17,22 +17,17 @@ item number one past the end of a list appends an item. Keys below a plugin's ``
 are free (and lower case). The shared secret comes only from ``CAPLANCE_SECRET`` or the
 file named by ``secret_file`` -- never from the TOML file itself -- and is never printed.
 
-:func:`load_balancer_config` / :func:`load_agent_config` raise
+:func:`caplance.configfile.load_balancer_config` / :func:`~caplance.configfile.load_agent_config` raise
 :class:`~caplance.errors.ConfigError` listing every problem with its path and value
 (``@ $.vips[0].ports[1]: expected an int from 1 to 65535, got "http"``).
 """
 
 from __future__ import annotations
 
-import functools
 import ipaddress
-import json
-import os
-import tomllib
 import typing
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
-from typing import Any, Literal, NewType, TypeVar
+from typing import Any, Literal, TypeVar
 
 import attrs
 import cattrs
@@ -40,11 +35,54 @@ import cattrs.gen
 from cattrs.cols import homogenous_tuple_structure_factory
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
+from caplance.configtypes import (
+    MAX_WEIGHT,
+    MAX_WORKERS,
+    Count,
+    Endpoint,
+    IfName,
+    IPAddress,
+    IPNetwork,
+    Name,
+    Port,
+    Seconds,
+    Secret,
+    Weight,
+    WorkerCount,
+    _doc,
+    _each,
+    _got,
+    _ips,
+    _networks,
+    _optional_endpoint,
+    _v,
+    check_count,
+    check_http_url,
+    check_ifname,
+    check_name,
+    check_port,
+    check_seconds,
+    check_weight,
+    check_workers,
+    to_ip,
+    to_network,
+)
 from caplance.errors import ConfigError
-from caplance.packet import IPAddress
 
 __all__ = [
     "IPAddress",
+    "IPNetwork",
+    "Port",
+    "Seconds",
+    "Weight",
+    "Count",
+    "Name",
+    "IfName",
+    "MAX_WEIGHT",
+    "check_name",
+    "check_weight",
+    "check_port",
+    "to_ip",
     "Endpoint",
     "Secret",
     "PluginConfig",
@@ -53,15 +91,14 @@ __all__ = [
     "VipConfig",
     "ListenerConfig",
     "ConntrackConfig",
+    "MAX_WORKERS",
+    "WorkerCount",
     "BalancerConfig",
     "LocalCheckConfig",
     "AgentConfig",
     "converter",
     "structure",
     "unstructure",
-    "apply_environment",
-    "load_balancer_config",
-    "load_agent_config",
     "ENV_PREFIX",
     "SECRET_ENV",
 ]
@@ -69,172 +106,6 @@ __all__ = [
 T = TypeVar("T")
 ENV_PREFIX = "CAPLANCE_"
 SECRET_ENV = "CAPLANCE_SECRET"
-
-# -- checked value types: one check each, used by cattrs (files, env) and attrs (library) ----
-
-Port = NewType("Port", int)
-Seconds = NewType("Seconds", float)
-Weight = NewType("Weight", int)
-Count = NewType("Count", int)
-Name = NewType("Name", str)
-IfName = NewType("IfName", str)
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def _got(value: object) -> str:
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-def _int_in(value: object, low: int, high: int | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        span = f"from {low} to {high}" if high is not None else f">= {low}"
-        raise ValueError(f"expected an int {span}, got {_got(value)}")
-    return value
-
-
-def check_port(value: object) -> Port:
-    return Port(_int_in(value, 1, 65535))
-
-
-#: the largest weight: enough for any ratio, small enough that every selector can build
-MAX_WEIGHT = 65535
-
-
-def check_weight(value: object) -> Weight:
-    return Weight(_int_in(value, 0, MAX_WEIGHT))
-
-
-def check_count(value: object) -> Count:
-    return Count(_int_in(value, 1, None))
-
-
-def check_seconds(value: object) -> Seconds:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"expected a number of seconds > 0, got {_got(value)}")
-    return Seconds(float(value))
-
-
-def check_name(value: object) -> Name:
-    if not isinstance(value, str) or not value or len(value) > 64 or not value.isprintable():
-        raise ValueError(f"expected a name of 1 to 64 printable characters, got {_got(value)}")
-    return Name(value)
-
-
-def check_ifname(value: object) -> IfName:
-    if not isinstance(value, str) or not 0 < len(value) <= 15 or "/" in value or " " in value:
-        raise ValueError(f"expected an interface name of 1 to 15 characters, got {_got(value)}")
-    return IfName(value)
-
-
-def check_http_url(value: object) -> str:
-    """An ``http://host[:port]/path`` URL (what the agent's local check can GET)."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(value) if isinstance(value, str) else None
-        if parts is not None and parts.scheme == "http" and parts.hostname:
-            parts.port  # noqa: B018 - raises ValueError for a bad port
-            return str(value)
-    except ValueError:
-        pass
-    raise ValueError(f'expected an URL such as "http://127.0.0.1:8080/health", got {_got(value)}')
-
-
-def to_ip(value: object) -> IPAddress:
-    """An address from a string (or an address, unchanged). Raises ``ValueError``."""
-    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-        return value
-    try:
-        if isinstance(value, str):
-            return ipaddress.ip_address(value)
-    except ValueError:
-        pass
-    raise ValueError(f"expected an IP address, got {_got(value)}")
-
-
-def to_network(value: object) -> IPNetwork:
-    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-        return value
-    try:
-        if isinstance(value, str):
-            return ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        pass
-    raise ValueError(f"expected an IP network such as \"10.0.0.0/8\", got {_got(value)}")
-
-
-@attrs.frozen
-class Endpoint:
-    """A ``host:port`` (``[v6]:port`` for IPv6) address: control and metrics listeners."""
-
-    host: IPAddress
-    port: Port
-
-    @classmethod
-    def parse(cls, value: object) -> Endpoint:
-        if isinstance(value, Endpoint):
-            return value
-        if isinstance(value, str) and ":" in value:
-            host, _, port = value.rpartition(":")
-            host = host.removeprefix("[").removesuffix("]")
-            try:
-                return cls(ipaddress.ip_address(host), check_port(int(port)))
-            except ValueError:
-                pass
-        raise ValueError(f'expected "address:port" (IPv6: "[address]:port"), got {_got(value)}')
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if self.host.version == 6 else f"{self.host}:{self.port}"
-
-
-@attrs.frozen(repr=False)
-class Secret:
-    """The shared secret. Never shown: ``repr``/``str`` print ``***``."""
-
-    value: bytes = attrs.field(repr=False)
-
-    def __repr__(self) -> str:
-        return "Secret(***)"
-
-    __str__ = __repr__
-
-
-def _v(check: Callable[[object], Any]) -> Callable[[Any, Any, Any], None]:
-    """An attrs validator from a check function."""
-    def validate(instance: Any, attribute: Any, value: Any) -> None:
-        check(value)
-    return validate
-
-
-def _each(check: Callable[[object], Any]) -> Callable[[Any, Any, Any], None]:
-    def validate(instance: Any, attribute: Any, values: Any) -> None:
-        for value in values:
-            check(value)
-    return validate
-
-
-def _optional_endpoint(value: object) -> Endpoint | None:
-    return None if value is None else Endpoint.parse(value)
-
-
-def _ips(values: object) -> tuple[IPAddress, ...]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ValueError(f"expected a list of IP addresses, got {_got(values)}")
-    return tuple(to_ip(value) for value in values)
-
-
-def _networks(values: object) -> tuple[IPNetwork, ...]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ValueError(f"expected a list of IP networks, got {_got(values)}")
-    return tuple(to_network(value) for value in values)
-
-
-def _doc(text: str) -> dict[str, str]:
-    return {"doc": text}
-
 
 # -- the classes ---------------------------------------------------------------------------
 
@@ -298,16 +169,28 @@ class VipConfig:
             raise ValueError(f"backend names must be unique within a VIP, got {_got(names)}")
 
 
+#: listeners that cannot work without an interface named
+_NEEDS_INTERFACE = ("packet",)
+
+
 @attrs.frozen(kw_only=True)
 class ListenerConfig:
-    """How packets for the VIPs reach the balancer."""
+    """How packets for the VIPs reach the balancer: a ``caplance.listeners`` plugin."""
 
-    kind: Literal["tun", "raw", "packet"] = attrs.field(default="tun", metadata=_doc("tun, raw or packet"))
+    kind: Name = attrs.field(default=Name("tun"), validator=_v(check_name),
+                             metadata=_doc("tun, raw, packet, nfqueue, or a plugin's name"))
     interface: IfName | None = attrs.field(
         default=None, validator=attrs.validators.optional(_v(check_ifname)),
-        metadata=_doc("packet: the Ethernet interface clients' packets arrive on; raw: where the VIP goes (lo)"),
+        metadata=_doc("packet: the Ethernet interface clients' packets arrive on (required); raw: where the VIP goes (lo)"),
     )
     device: IfName = attrs.field(default=IfName("caplance0"), validator=_v(check_ifname), metadata=_doc("tun: device name"))
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict,
+                                             metadata=_doc("more keyword options for the listener (nfqueue: queue)"))
+
+    def __attrs_post_init__(self) -> None:
+        if self.kind in _NEEDS_INTERFACE and self.interface is None:
+            raise ValueError(f"listener {self.kind!r} needs an interface: the Ethernet interface clients'"
+                             " packets arrive on (interface = \"eth0\", say)")
 
 
 @attrs.frozen(kw_only=True)
@@ -341,6 +224,8 @@ class BalancerConfig:
     proof_timeout: Seconds = attrs.field(default=Seconds(2.0), validator=_v(check_seconds), metadata=_doc("time to echo the data-path token"))
     drain_timeout: Seconds = attrs.field(default=Seconds(10.0), validator=_v(check_seconds), metadata=_doc("longest graceful stop"))
     drain_idle: Seconds = attrs.field(default=Seconds(1.0), validator=_v(check_seconds), metadata=_doc("stop draining after this long without packets"))
+    workers: WorkerCount = attrs.field(default=1, validator=_v(check_workers),
+                                       metadata=_doc('Python data-plane processes; "auto" = one per CPU'))
 
     def __attrs_post_init__(self) -> None:
         if not self.vips:
@@ -418,6 +303,7 @@ for _type, _check in (
     converter.register_structure_hook(_type, _hook(_check))
 converter.register_structure_hook_func(lambda t: t == IPAddress, _hook(to_ip))
 converter.register_structure_hook_func(lambda t: t == IPNetwork, _hook(to_network))
+converter.register_structure_hook_func(lambda t: t == WorkerCount, _hook(check_workers))
 
 
 def _strict_str(value: object, _: Any) -> str:
@@ -554,216 +440,3 @@ def unstructure(config: Any) -> dict[str, Any]:
 
     result: dict[str, Any] = prune(converter.unstructure(config))
     return result
-
-
-# -- files and the environment -------------------------------------------------------------
-
-
-def _parse_env_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-_FACTORY: Any = attrs.Factory(dict).__class__
-#: The schema below a plugin's ``options``: any keys, any values.
-_FREE: Any = object()
-_NONE = type(None)
-
-
-def _optional_inner(kind: Any) -> Any:
-    """``X`` for ``X | None``; anything else unchanged."""
-    args = typing.get_args(kind)
-    if _NONE in args:
-        rest = [arg for arg in args if arg is not _NONE]
-        if len(rest) == 1:
-            return rest[0]
-    return kind
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _is_text(kind: Any) -> bool:
-    """Whether a value of ``kind`` is written as a TOML string."""
-    kind = _optional_inner(kind)
-    while hasattr(kind, "__supertype__"):  # a NewType
-        kind = kind.__supertype__
-    if typing.get_origin(kind) is _LITERAL:
-        return all(isinstance(choice, str) for choice in typing.get_args(kind))
-    return kind is str or kind is Endpoint or kind == IPAddress or kind == IPNetwork
-
-
-def _schema_child(kind: Any, part: str, target: Any) -> tuple[Any, int | str]:
-    """The type found at ``part`` below a value of ``kind``, and the key to use there.
-
-    Raises ``ValueError`` when ``part`` does not fit ``kind``.
-    """
-    if kind is _FREE:
-        return _FREE, int(part) if part.isdigit() and isinstance(target, list) else part
-    kind = _optional_inner(kind)
-    if _is_table(kind):
-        fields = attrs.fields_dict(kind)
-        if part not in fields:
-            raise ValueError(f"unknown key {_got(part)} (keys here: {', '.join(fields)})")
-        return _hints(kind)[part], part
-    if _is_list(kind):
-        if not part.isdigit():
-            raise ValueError(f"a list takes item numbers (0, 1, ...), not {_got(part)}")
-        return typing.get_args(kind)[0], int(part)
-    if kind == Mapping[str, Any]:
-        return _FREE, part
-    raise ValueError("a single value has no keys or items below it")
-
-
-def _new_container(parent: Any, key: int | str, kind: Any, following: str) -> Any:
-    """What a missing table or list at ``key`` starts as: the field's default, as data
-    (so ``CAPLANCE_TRANSPORT__OPTIONS__PORT`` keeps the default transport's name)."""
-    if kind is _FREE:
-        return [] if following.isdigit() else {}
-    inner = _optional_inner(kind)
-    empty: Any = [] if _is_list(inner) else {}
-    parent_kind = _optional_inner(parent)
-    if isinstance(key, int) or not _is_table(parent_kind):
-        return empty
-    default: Any = attrs.fields_dict(parent_kind)[key].default
-    if isinstance(default, _FACTORY):
-        default = default.factory()
-    if default is attrs.NOTHING or default is None:
-        return empty
-    return json.loads(json.dumps(converter.unstructure(default)))
-
-
-def apply_environment(data: Mapping[str, Any], environ: Mapping[str, str], *,
-                      cls: type | None = None) -> tuple[dict[str, Any], dict[str, str]]:
-    """Overlay ``CAPLANCE_*`` variables on ``data`` (not changed; the result is a copy).
-
-    Returns the new data and, per path a variable set (or a table or list item it had to
-    create), the variable. ``CAPLANCE_SECRET`` is left to :func:`resolve_secret`.
-
-    With ``cls`` (the config class ``data`` is for) each path is checked against the
-    classes' fields, a table the file lacks starts from the field's default, and a value
-    for a string field that is not a TOML string is the variable's text as is
-    (``CAPLANCE_LISTENER__DEVICE=1234`` is the name ``"1234"``, not a number). Values are
-    otherwise read as TOML values, or taken as text when they are not valid TOML.
-
-    Raises :class:`ConfigError` listing every variable whose path does not fit: an unknown
-    key, an item number past the end of a list, a key below a plain value.
-    """
-    result: dict[str, Any] = json.loads(json.dumps(data, default=str))  # a deep copy
-    sources: dict[str, str] = {}
-    problems = []
-    for variable in sorted(environ):
-        if not variable.startswith(ENV_PREFIX) or variable == SECRET_ENV:
-            continue
-        parts = [part.lower() for part in variable[len(ENV_PREFIX):].split("__")]
-        if not all(parts):
-            problems.append((f"$ (from {variable})", "empty path part: use single words joined by __"))
-            continue
-        target: Any = result
-        kind: Any = cls if cls is not None else _FREE
-        path = "$"
-        created: list[str] = []
-        try:
-            for depth, part in enumerate(parts):
-                parent = kind
-                kind, key = _schema_child(kind, part, target)
-                path += f"[{key}]" if isinstance(key, int) else f".{key}"
-                if depth == len(parts) - 1:
-                    text = environ[variable]
-                    value = _parse_env_value(text)
-                    _assign(target, key, text if _is_text(kind) and not isinstance(value, str) else value)
-                    break
-                if isinstance(key, int):
-                    if not isinstance(target, list):
-                        raise ValueError(f"cannot set item {key} in {_got(target)}, which is not a list")
-                    if key > len(target):
-                        raise ValueError(f"no list item {key}: the list has {len(target)};"
-                                         f" add items in order ({len(target)} next)")
-                    if key == len(target):
-                        target.append(_new_container(parent, key, kind, parts[depth + 1]))
-                        created.append(path)
-                elif not isinstance(target, dict):
-                    raise ValueError(f"cannot set {_got(key)} in {_got(target)}, which is not a table")
-                elif key not in target:
-                    target[key] = _new_container(parent, key, kind, parts[depth + 1])
-                    created.append(path)
-                target = target[key]
-        except ValueError as exc:
-            problems.append((f"{path} (from {variable})", str(exc)))
-            continue
-        sources[path] = variable
-        for made in created:
-            sources.setdefault(made, variable)
-    if problems:
-        raise ConfigError(problems)
-    return result, sources
-
-
-def _assign(target: Any, key: int | str, value: Any) -> None:
-    if isinstance(key, int):
-        if not isinstance(target, list):
-            raise ValueError(f"cannot set item {key} in {_got(target)}, which is not a list")
-        if key > len(target):
-            raise ValueError(f"no list item {key}: the list has {len(target)};"
-                             f" add items in order ({len(target)} next)")
-        if key == len(target):
-            target.append(value)
-        else:
-            target[key] = value
-    elif isinstance(target, dict):
-        target[key] = value
-    else:
-        raise ValueError(f"cannot set {_got(key)} in {_got(target)}, which is not a table")
-
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file; a missing file or bad TOML is a :class:`ConfigError`."""
-    try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError([("$", f"cannot read {path}: {exc.strerror or exc}")]) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([("$", f"{path} is not valid TOML: {exc}")]) from exc
-
-
-def resolve_secret(secret_file: str | None, environ: Mapping[str, str]) -> Secret | None:
-    """The secret from ``CAPLANCE_SECRET`` (first) or ``secret_file``; None if neither."""
-    if environ.get(SECRET_ENV):
-        return Secret(environ[SECRET_ENV].encode())
-    if secret_file is None:
-        return None
-    try:
-        value = Path(secret_file).read_bytes().strip()
-    except OSError as exc:
-        raise ConfigError([("$.secret_file", f"cannot read {secret_file}: {exc.strerror or exc}")]) from exc
-    if not value:
-        raise ConfigError([("$.secret_file", f"{secret_file} is empty")])
-    return Secret(value)
-
-
-def load(path: str | Path, cls: type[T], environ: Mapping[str, str] | None = None) -> T:
-    """Read ``path``, overlay the environment, build and validate ``cls``, attach the secret."""
-    environ = os.environ if environ is None else environ
-    data, sources = apply_environment(read_toml(path), environ, cls=cls)
-    config = structure(data, cls, sources=sources)
-    if attrs.has(cls) and "secret" in attrs.fields_dict(cls):
-        secret = resolve_secret(getattr(config, "secret_file", None), environ)
-        config = attrs.evolve(config, secret=secret)  # type: ignore[misc]
-    return config
-
-
-def load_balancer_config(path: str | Path, environ: Mapping[str, str] | None = None) -> BalancerConfig:
-    """A balancer's config from the TOML file ``path`` and ``environ`` (default
-    ``os.environ``). Raises :class:`ConfigError` listing every problem."""
-    return load(path, BalancerConfig, environ)
-
-
-def load_agent_config(path: str | Path, environ: Mapping[str, str] | None = None) -> AgentConfig:
-    """An agent's config from the TOML file ``path`` and ``environ`` (default
-    ``os.environ``). Raises :class:`ConfigError` listing every problem."""
-    return load(path, AgentConfig, environ)

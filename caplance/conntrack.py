@@ -1,4 +1,4 @@
-"""The flow table (connection tracking): flow key -> backend, bounded, with idle timeouts.
+"""The flow table (connection tracking): flow key -> backend id, bounded, with idle timeouts.
 
 Pure: the caller passes the time in; no trio, no sockets.
 
@@ -17,7 +17,7 @@ sources (one packet per flow) churns only the new segment: it never evicts an es
 flow. When a segment is full its least recently used entry goes, and a counter says so.
 
 **Memory.** About 180 bytes per established flow on CPython 3.11 (the key's bytes object,
-its ordered-dict slot and link, the ``[backend, last_seen]`` list; measured with
+its ordered-dict slot and link, the ``[backend id, last_seen]`` list; measured with
 ``tracemalloc`` by ``bench/forward.py --conntrack``), so the default bound of 1,000,000
 flows costs about 180 MB.
 """
@@ -49,7 +49,7 @@ class ConntrackCounters:
 
 
 class FlowTable:
-    """Flow key -> backend name. Per packet, call :meth:`lookup`; on a miss pick a backend
+    """Flow key -> backend id (:class:`~caplance.forwarding.BackendEntry` ``id``). Per packet, call :meth:`lookup`; on a miss pick a backend
     and call :meth:`insert`. Call :meth:`expire` now and then (the balancer does every
     second)."""
 
@@ -73,7 +73,7 @@ class FlowTable:
     def __len__(self) -> int:
         return sum(len(segment) for segment in self.segments)
 
-    def lookup(self, key: bytes, tcp_flags: int | None, now: float) -> str | None:
+    def lookup(self, key: bytes, tcp_flags: int | None, now: float) -> int | None:
         """The backend remembered for ``key``, refreshed; None on a miss.
 
         ``tcp_flags`` is None for non-TCP packets. A FIN or RST moves a TCP flow to the
@@ -98,7 +98,7 @@ class FlowTable:
                 return found[0]  # type: ignore[return-value]
         return self._lookup_slowly(key, tcp_flags, now)
 
-    def _lookup_slowly(self, key: bytes, tcp_flags: int | None, now: float) -> str | None:
+    def _lookup_slowly(self, key: bytes, tcp_flags: int | None, now: float) -> int | None:
         new, tcp, other, closing = self.segments
         if tcp_flags is None:
             found, segment = other.get(key), OTHER
@@ -127,11 +127,11 @@ class FlowTable:
             self.segments[segment].move_to_end(key)
         return found[0]  # type: ignore[return-value]
 
-    def insert(self, key: bytes, backend: str, now: float) -> None:
+    def insert(self, key: bytes, backend: int, now: float) -> None:
         """Remember a new flow (in the new segment)."""
         self._place(key, [backend, now], NEW)
 
-    def reassign(self, key: bytes, backend: str) -> None:
+    def reassign(self, key: bytes, backend: int) -> None:
         """Point an existing flow at another backend (its own left); counted as expired."""
         for segment in self.segments:
             entry = segment.get(key)

@@ -17,9 +17,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-import mmh3
-
 from caplance.errors import MalformedPacket
+from caplance.flowhash import source_port
 
 __all__ = [
     "OUTER_IP",
@@ -39,8 +38,6 @@ _GRE_PROTOCOL = {4: 0x0800, 6: 0x86DD}
 _GRE_VERSION = {0x0800: 4, 0x86DD: 6}
 _GRE_CHECKSUM, _GRE_ROUTING, _GRE_KEY, _GRE_SEQUENCE = 0x8000, 0x4000, 0x2000, 0x1000
 _UDP = struct.Struct("!HHHH")
-_SOURCE_PORT_SEED: Final = 0x50C7
-_EPHEMERAL_LOW: Final = 49152
 
 
 def _inner_version(inner: bytes) -> int:
@@ -77,8 +74,9 @@ def gre_decapsulate(data: bytes) -> bytes:
 
 def flow_source_port(key: bytes) -> int:
     """A source port from the inner flow (49152-65535), so the backend's NIC can spread flows
-    over its queues (RSS) while every packet of one flow takes the same queue."""
-    return _EPHEMERAL_LOW | (mmh3.hash(key, _SOURCE_PORT_SEED, False) & 0x3FFF)
+    over its queues (RSS) while every packet of one flow takes the same queue: see
+    :func:`caplance.flowhash.source_port`."""
+    return source_port(key)
 
 
 def udp_encapsulate(inner: bytes, source_port: int, destination_port: int) -> bytes:

@@ -17,10 +17,12 @@ timeout), so undo can run from a ``finally`` block even after cancellation.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import secrets
 import shutil
+import struct
 import subprocess
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -31,7 +33,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from caplance.errors import NetOpsError
 from caplance.packet import IPAddress
 
-__all__ = ["IPAddress", "NetOps", "read_link_type", "read_sysctl"]
+__all__ = ["IPAddress", "NetOps", "largest_link_mtu", "open_tun_queue", "read_link_type", "read_sysctl"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,32 @@ def largest_link_mtu(*, exclude: set[str]) -> int:
         except (OSError, ValueError):
             continue
     return max(sizes, default=1500)
+
+
+_TUNSETQUEUE = 0x400454D9
+_IFF_DETACH_QUEUE = 0x0400
+
+
+def _tun_device(name: str, multi_queue: bool) -> Any:
+    from pytun import IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TUN, TunTapDevice
+
+    return TunTapDevice(name=name, flags=IFF_TUN | IFF_NO_PI | (IFF_MULTI_QUEUE if multi_queue else 0))
+
+
+def open_tun_queue(name: str) -> int:
+    """Attach a new queue to multi-queue TUN device ``name``; its non-blocking fd (the
+    caller closes it). Raises :class:`NetOpsError`."""
+    from pytun import Error as TunError
+
+    try:
+        device = _tun_device(name, True)
+    except TunError as exc:
+        raise NetOpsError("attach a queue to TUN device", name, str(exc),
+                          "is the balancer that made it running?") from exc
+    fd = os.dup(device.fileno())  # ours to close; the pytun object closes its own
+    device.close()
+    os.set_blocking(fd, False)
+    return fd
 
 
 def _prefixlen(address: IPAddress) -> int:
@@ -238,23 +266,28 @@ class NetOps:
 
     # -- TUN devices ---------------------------------------------------------------------
 
-    def create_tun(self, name: str, *, mtu: int = 65535) -> int:
+    def create_tun(self, name: str, *, mtu: int = 65535, multi_queue: bool = False,
+                   detached: bool = False) -> int:
         """Create TUN device ``name`` (no packet info header), bring it up, return its fd.
 
-        The fd is non-blocking. The device lives as long as the fd: undo closes it, and the
-        kernel removes the device. Raises :class:`NetOpsError` if the name is taken.
+        The fd is non-blocking. The device lives as long as its queues: undo closes this
+        one, and the kernel removes the device once no queue is left. ``multi_queue`` lets
+        others attach queues (:func:`open_tun_queue`); ``detached`` takes this queue out of
+        the kernel's choice (it gets no packets, it only keeps the device). Raises
+        :class:`NetOpsError` if the name is taken.
         """
-        from pytun import IFF_NO_PI, IFF_TUN, TunTapDevice
         from pytun import Error as TunError
 
         if self.ipr.link_lookup(ifname=name):
             raise NetOpsError("create TUN device", name, "an interface of that name exists",
                               "pick another name or remove it")
         try:
-            device = TunTapDevice(name=name, flags=IFF_TUN | IFF_NO_PI)
+            device = _tun_device(name, multi_queue)
         except TunError as exc:
             raise NetOpsError("create TUN device", name, str(exc), "needs root and /dev/net/tun") from exc
         self.push_undo(f"remove TUN device {name}", device.close)
+        if detached:
+            fcntl.ioctl(device.fileno(), _TUNSETQUEUE, struct.pack("16sH", b"", _IFF_DETACH_QUEUE))
         self.set_link(name, up=True, mtu=mtu)
         fd = int(device.fileno())
         os.set_blocking(fd, False)

@@ -1,4 +1,4 @@
-"""Entry-point discovery for selectors and transports.
+"""Entry-point discovery for selectors, transports and listeners.
 
 Built-ins register through the same groups as third-party plugins (see ``pyproject.toml``),
 so the library uses its own plugin path. Listing plugins imports nothing; loading one imports
@@ -7,17 +7,20 @@ only that one.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, cast
 
 from caplance.errors import PluginError
-from caplance.interfaces import Selector, SelectorFactory, Transport
+from caplance.interfaces import Listener, Selector, SelectorFactory, Transport
 
-__all__ = ["SELECTORS", "TRANSPORTS", "available", "build_selector", "load", "make_transport", "check_plugins"]
+__all__ = ["LISTENERS", "SELECTORS", "TRANSPORTS", "available", "build_selector", "check_plugins", "load",
+           "make_listener", "make_transport"]
 
 SELECTORS = "caplance.selectors"
 TRANSPORTS = "caplance.transports"
+LISTENERS = "caplance.listeners"
 
 
 def _entry_points(group: str) -> dict[str, EntryPoint]:
@@ -74,6 +77,36 @@ def make_transport(name: str, options: Mapping[str, Any]) -> Transport:
     return transport
 
 
+def make_listener(kind: str, *, interface: str | None = None, device: str | None = None,
+                  options: Mapping[str, Any] | None = None) -> Listener:
+    """Load listener plugin ``kind`` and instantiate it with ``options``, plus ``interface``
+    and ``device`` (the listener table's common keys) when given and its constructor takes
+    them. Raises :class:`PluginError` naming the plugin and the problem for bad options
+    (``packet`` without an interface, say)."""
+    factory = load(LISTENERS, kind)
+    arguments = dict(options or {})
+    try:
+        accepted: Mapping[str, inspect.Parameter] = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    for key, value in (("interface", interface), ("device", device)):
+        if value is not None and key in accepted:
+            arguments.setdefault(key, value)
+    try:
+        listener: Listener = factory(**arguments)
+    except TypeError as exc:
+        missing = [name for name, parameter in accepted.items()
+                   if parameter.default is inspect.Parameter.empty and name not in arguments
+                   and parameter.kind is inspect.Parameter.KEYWORD_ONLY]
+        if missing:
+            raise PluginError(LISTENERS, kind, f"needs {' and '.join(missing)}"
+                                               " (set it in the [listener] table)") from exc
+        raise PluginError(LISTENERS, kind, str(exc)) from exc
+    except ValueError as exc:
+        raise PluginError(LISTENERS, kind, str(exc)) from exc
+    return listener
+
+
 def check_plugins(config: Any) -> list[tuple[str, str]]:
     """Build every selector and transport a balancer or agent config names, with its
     options, and return the problems as ``(path, message)`` pairs (empty: all fine)."""
@@ -95,4 +128,11 @@ def check_plugins(config: Any) -> list[tuple[str, str]]:
                     backend.transport.name, backend.transport.options)
     if hasattr(config, "transport"):
         attempt("$.transport", make_transport, config.transport.name, config.transport.options)
+    listener = getattr(config, "listener", None)
+    if listener is not None:
+        try:
+            make_listener(listener.kind, interface=listener.interface, device=listener.device,
+                          options=listener.options)
+        except PluginError as exc:
+            problems.append(("$.listener", str(exc)))
     return problems

@@ -14,9 +14,10 @@ import trio
 
 from caplance.errors import CaplanceError
 from caplance.interfaces import PacketSource
-from caplance.netops import IPAddress
+from caplance.packet import IPAddress
 
-__all__ = ["FdSource", "SocketSource", "attach_filter", "family_of", "open_socket", "pump"]
+__all__ = ["FdSource", "SocketSource", "attach_filter", "family_of", "open_socket", "path_mtu",
+           "path_mtu_toward", "pump"]
 
 _ERROR_BACKOFF = 0.05  # seconds
 _SO_ATTACH_FILTER = 26
@@ -62,6 +63,9 @@ class SocketSource:
     async def wait_readable(self) -> None:
         await trio.lowlevel.wait_readable(self.sock)
 
+    def close(self) -> None:
+        self.sock.close()
+
 
 class FdSource:
     """A :class:`~caplance.interfaces.PacketSource` over a non-blocking file descriptor (TUN)."""
@@ -72,6 +76,11 @@ class FdSource:
 
     async def wait_readable(self) -> None:
         await trio.lowlevel.wait_readable(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 async def pump(source: PacketSource, drain: Callable[[Callable[[], bytes]], bool],
@@ -129,6 +138,17 @@ def path_mtu(sock: socket.socket) -> int:
         if sock.family == socket.AF_INET6:
             return int(sock.getsockopt(socket.IPPROTO_IPV6, _IPV6_MTU))
         return int(sock.getsockopt(socket.IPPROTO_IP, _IP_MTU))
+    except OSError:
+        return 1500
+
+
+def path_mtu_toward(address: IPAddress) -> int:
+    """The path MTU the kernel knows toward ``address`` (outer IP header included), read from
+    a UDP socket connected there (nothing is sent); 1500 if there is no route."""
+    try:
+        with socket.socket(family_of(address), socket.SOCK_DGRAM) as sock:
+            sock.connect((str(address), 9))
+            return path_mtu(sock)
     except OSError:
         return 1500
 

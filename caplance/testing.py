@@ -288,19 +288,25 @@ class MemorySource:
             self._event = self._trio.Event()
         await self._trio.lowlevel.checkpoint()
 
+    def close(self) -> None:
+        self._queue.clear()
+
 
 class MemoryListener:
     """A :class:`~caplance.interfaces.Listener` that touches no network: push packets into
-    :attr:`source`; :attr:`vips` records what it was asked to attach."""
+    :attr:`source`; :attr:`vips` records what it was asked to attach. One data plane only."""
 
     name = "memory"
+    max_workers = 1
 
     def __init__(self) -> None:
         self.source = MemorySource()
         self.vips: list[Any] = []
 
-    def open(self, vips: Sequence[Any], netops: Any) -> list[MemorySource]:
+    def attach(self, vips: Sequence[Any], netops: Any, *, workers: int = 1) -> None:
         self.vips = list(vips)
+
+    def open(self, worker: int, workers: int) -> list[MemorySource]:
         return [self.source]
 
 
@@ -312,7 +318,11 @@ class RecordingTransport:
 
     def __init__(self, *, max_packet: int = 65535) -> None:
         self.sent: list[tuple[Any, bytes]] = []
-        self.max_packet = max_packet
+        self._max_packet = max_packet
+
+    def max_packet(self, backend: Any) -> int:
+        """The largest inner packet: the ``max_packet`` it was made with, for any backend."""
+        return self._max_packet
 
     def overhead(self, outer_version: int) -> int:
         return 0
@@ -334,7 +344,6 @@ class _RecordingSender:
     def __init__(self, transport: RecordingTransport, backend: Any) -> None:
         self._transport = transport
         self._backend = backend
-        self.max_packet = transport.max_packet
 
     def send(self, packet: bytes, key: bytes, /) -> None:
         self._transport.sent.append((self._backend, packet))

@@ -46,6 +46,7 @@ _NAMED_TYPES: dict[Any, str] = {
     cfg.IPAddress: "IP address (v4 or v6)",
     cfg.IPNetwork: 'IP network ("10.0.0.0/8")',
     cfg.Endpoint: '"address:port" ("[v6]:port")',
+    cfg.WorkerCount: 'int 1-64, or "auto" (one per CPU)',
     cfg.Secret: "secret",
     Mapping[str, Any]: "table (any keys)",
     str: "string",

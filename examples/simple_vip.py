@@ -52,7 +52,7 @@ async def run_until_signalled(service: Balancer | Agent, *, also_serve: str | No
                 service.stop()
                 nursery.cancel_scope.cancel()  # the HTTP server
                 break
-    print(json.dumps(service.stats.snapshot()), flush=True)
+    print(json.dumps(service.snapshot()), flush=True)
 
 
 async def balancer_host(listener: str, ctl_socket: str) -> None:

@@ -5,6 +5,10 @@ blackhole route for each VIP, so the balancer's stack drops those packets silent
 not IP forwarding is on (no RST, no ICMP, no forwarding them elsewhere). Clients reach the VIP
 by a route via the balancer (a router's static or BGP route, in production).
 
+Several data-plane workers each open a socket of their own in one ``PACKET_FANOUT`` group
+(``PACKET_FANOUT_HASH``): the kernel gives each packet to one member by flow hash, so every
+packet of a flow reaches the same worker.
+
 It reads Ethernet frames (``SOCK_RAW``: the kernel offers the virtio-net header only there),
 so it needs an Ethernet interface named in the config. Packets come with a ``virtio_net_hdr`` (``PACKET_VNET_HDR``) that says what the sender's
 offloads left undone: a partial TCP/UDP checksum is completed, and a GSO/GRO super-packet of
@@ -14,6 +18,7 @@ up to 64 KB is cut into MSS-sized segments, before forwarding.
 from __future__ import annotations
 
 import collections
+import secrets
 import socket
 import struct
 from collections.abc import Sequence
@@ -30,6 +35,8 @@ _ETH_P_ALL = 0x0003
 _SOL_PACKET = 263
 _PACKET_VNET_HDR = 15
 _PACKET_IGNORE_OUTGOING = 23
+_PACKET_FANOUT = 18
+_PACKET_FANOUT_HASH = 0
 _VNET_HEADER = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start/offset
 _NEEDS_CSUM = 1
 _GSO_TCP = (1, 4)
@@ -93,32 +100,49 @@ def _unpadded(packet: bytes) -> bytes:
 
 
 class PacketListener:
-    """Listener ``packet``: one ``AF_PACKET`` socket on Ethernet ``interface``."""
+    """Listener ``packet``: ``AF_PACKET`` sockets on Ethernet ``interface``, one per worker."""
 
     name = "packet"
+    max_workers = 256
 
     def __init__(self, *, interface: str) -> None:
         self.interface = interface
+        self.vips: tuple[IPAddress, ...] = ()
+        #: the fan-out group of this balancer's sockets (picked at attach)
+        self.group = 0
 
-    def open(self, vips: Sequence[IPAddress], netops: NetOps) -> list[VnetSource]:
+    def attach(self, vips: Sequence[IPAddress], netops: NetOps, *, workers: int = 1) -> None:
         link_type = read_link_type(self.interface)
         if link_type not in (_ARPHRD_ETHER, _ARPHRD_LOOPBACK):
             raise CaplanceError(
                 f"the packet listener needs an Ethernet interface; {self.interface} has link"
                 f" type {link_type}. Use listener 'tun' or 'raw'."
             )
+        self.vips = tuple(vips)
+        self.group = secrets.randbelow(0xFFFF) + 1
         for vip in vips:
             netops.add_route(vip, ifname=None)
+
+    def open(self, worker: int, workers: int) -> list[VnetSource]:
         sock = open_socket(
             socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL),
             what="AF_PACKET listener socket",
         )
-        netops.push_undo("close AF_PACKET socket", sock.close)
-        sock.setsockopt(_SOL_PACKET, _PACKET_VNET_HDR, 1)
         try:
-            sock.setsockopt(_SOL_PACKET, _PACKET_IGNORE_OUTGOING, 1)
-        except OSError:
-            pass  # kernels before 4.20: the BPF filter rejects outgoing packets anyway
-        attach_filter(sock, vip_filter(vips, link_level=True))
-        sock.bind((self.interface, _ETH_P_ALL))
+            sock.setsockopt(_SOL_PACKET, _PACKET_VNET_HDR, 1)
+            try:
+                sock.setsockopt(_SOL_PACKET, _PACKET_IGNORE_OUTGOING, 1)
+            except OSError:
+                pass  # kernels before 4.20: the BPF filter rejects outgoing packets anyway
+            attach_filter(sock, vip_filter(self.vips, link_level=True))
+            sock.bind((self.interface, _ETH_P_ALL))
+            if workers > 1:
+                sock.setsockopt(_SOL_PACKET, _PACKET_FANOUT, self.group | _PACKET_FANOUT_HASH << 16)
+        except OSError as exc:
+            sock.close()
+            raise CaplanceError(f"cannot set up the packet listener on {self.interface}:"
+                                f" {exc.strerror or exc}") from exc
+        except BaseException:
+            sock.close()
+            raise
         return [VnetSource(sock)]

@@ -8,6 +8,9 @@ or echo reply the balancer's stack would send from a VIP (all but the "fragmenta
 the balancer itself sends for oversized packets). Dropping on INPUT would hide the packets from the raw socket
 as well. IPv4 only: IPv6 raw sockets do not show the IPv6 header.
 
+Several data-plane workers each open their own three sockets; a worker's filter keeps only its
+share of the flows (a hash of the source address and ports, see :func:`caplance.bpf.vip_filter`).
+
 A sender on the same host or behind a veth may leave TCP/UDP checksums partial (offload);
 the raw socket shows the bytes as they are, so partial checksums are completed here. It also
 shows GRO/GSO aggregates of up to 64 KB; the balancer cuts those into segments that fit.
@@ -53,11 +56,13 @@ class RawListener:
     """Listener ``raw``: VIPs on ``interface`` (default ``lo``), raw TCP/UDP/ICMP sockets."""
 
     name = "raw"
+    max_workers = 64
 
     def __init__(self, *, interface: str = "lo") -> None:
         self.interface = interface
+        self.vips: tuple[IPAddress, ...] = ()
 
-    def open(self, vips: Sequence[IPAddress], netops: NetOps) -> list[RawSource]:
+    def attach(self, vips: Sequence[IPAddress], netops: NetOps, *, workers: int = 1) -> None:
         if any(vip.version != 4 for vip in vips):
             raise CaplanceError(
                 "the raw listener handles IPv4 VIPs only (IPv6 raw sockets hide the IP header);"
@@ -70,14 +75,20 @@ class RawListener:
             f"ip saddr {vip_set} icmp type destination-unreachable icmp code != 4 drop",
             f"ip saddr {vip_set} icmp type {{ echo-reply, time-exceeded, parameter-problem }} drop",
         ])
-        program = vip_filter(vips, link_level=False)
-        sources = []
-        for proto in _PROTOCOLS:
-            sock = open_socket(socket.AF_INET, socket.SOCK_RAW, proto, what="raw IP listener socket")
-            netops.push_undo(f"close raw socket (protocol {proto})", sock.close)
-            attach_filter(sock, program)
-            sources.append(RawSource(sock))
-        # Addresses last: no packet reaches the VIP before the RST-dropping rules exist.
+        self.vips = tuple(vips)
         for vip in vips:
             netops.add_address(vip, self.interface)
+
+    def open(self, worker: int, workers: int) -> list[RawSource]:
+        sources = []
+        try:
+            for proto in _PROTOCOLS:
+                share = None if workers == 1 else (worker, workers, proto != socket.IPPROTO_ICMP)
+                sock = open_socket(socket.AF_INET, socket.SOCK_RAW, proto, what="raw IP listener socket")
+                sources.append(RawSource(sock))
+                attach_filter(sock, vip_filter(self.vips, link_level=False, share=share))
+        except BaseException:
+            for source in sources:
+                source.close()
+            raise
         return sources

@@ -17,7 +17,9 @@ from typing import Any
 
 import mmh3
 
-__all__ = ["check_fill", "is_prime", "permutation", "positive_int_option",
+from caplance.forwarding import LookupTable
+
+__all__ = ["check_fill", "export_lookup", "is_prime", "permutation", "positive_int_option",
            "reject_unknown_options", "sorted_backends"]
 
 
@@ -115,3 +117,17 @@ def check_fill(preferences: Sequence[tuple[int, int]], weights: Sequence[int], s
     for _, skip in preferences:
         if not 1 <= skip < size or gcd(skip, size) != 1:
             raise ValueError(f"skip {skip} must be in 1..{size - 1} and coprime to {size}")
+
+
+def export_lookup(table: Sequence[str | None], seed: int, ids: Mapping[str, int]) -> LookupTable:
+    """A table of backend names per slot as a :class:`~caplance.forwarding.LookupTable` of
+    ids (``ids``: name -> id; None becomes 0). Raises ``ValueError`` naming a backend in the
+    table that ``ids`` lacks."""
+    translate: dict[str | None, int] = {None: 0}
+    for name in set(table):
+        if name is None:
+            continue
+        if name not in ids:
+            raise ValueError(f"no backend id given for {name!r}")
+        translate[name] = ids[name]
+    return LookupTable.from_ids(seed, map(translate.__getitem__, table))

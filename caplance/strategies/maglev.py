@@ -20,14 +20,18 @@ Removing a backend moves its slots to others and, as the paper says, a few other
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator, Mapping, Sequence
 from math import isqrt
 from typing import Any, Final, final
 
 import mmh3
 
+from caplance.flowhash import MAGLEV_SEED
+from caplance.forwarding import LookupTable
 from caplance.strategies import (
     check_fill,
+    export_lookup,
     is_prime,
     permutation,
     reject_unknown_options,
@@ -39,14 +43,18 @@ __all__ = ["DEFAULT_TABLE_SIZE", "Maglev", "is_prime", "populate"]
 DEFAULT_TABLE_SIZE: Final = 65537
 _OFFSET_SEED: Final = 0x0FF5E7
 _SKIP_SEED: Final = 0x5C1B
-_KEY_SEED: Final = 0x6A61B
 
 
 def _turns(weights: Sequence[int]) -> Iterator[list[int]]:
-    """Yield, round after round forever, the indices of the backends that claim a slot.
+    """Yield, round after round, the indices of the backends that claim a slot (rounds in
+    which nobody claims are skipped: they change nothing).
 
     Each round a backend earns ``weight`` credits and spends ``max(weights)`` of them per
-    claim; as a weight never exceeds the maximum, that is at most one claim per round.
+    claim; as a weight never exceeds the maximum, that is at most one claim per round, and
+    backend i's k-th claim falls in round ``ceil(k * max / weight_i)``. A heap of the next
+    claim of each backend, ordered by (round, index), yields exactly those turns in
+    O(log backends) per claim, however skewed the weights (one backend of weight 65535
+    among 999 of weight 1 would otherwise walk 65535 rounds of 1000 backends).
     """
     count = len(weights)
     heaviest = max(weights)
@@ -54,15 +62,16 @@ def _turns(weights: Sequence[int]) -> Iterator[list[int]]:
         everyone = list(range(count))
         while True:
             yield everyone
-    credit = [0] * count
+    pending = [(-(-heaviest // weight), index, 1) for index, weight in enumerate(weights)]
+    heapq.heapify(pending)
     while True:
+        current = pending[0][0]
         turn = []
-        for index in range(count):
-            held = credit[index] + weights[index]
-            if held >= heaviest:
-                held -= heaviest
-                turn.append(index)
-            credit[index] = held
+        while pending[0][0] == current:
+            _, index, claim = pending[0]
+            turn.append(index)
+            claim += 1
+            heapq.heapreplace(pending, (-(-claim * heaviest // weights[index]), index, claim))
         yield turn
 
 
@@ -167,8 +176,16 @@ class Maglev:
         return cls(_table(items, table_size), dict(items))
 
     def select(self, key: bytes, /) -> str | None:
-        """The backend for flow key ``key``; None when no backend has weight."""
-        return self._table[mmh3.hash(key, _KEY_SEED, False) % self._size]
+        """The backend for flow key ``key``; None when no backend has weight.
+
+        ``table[flow_hash(key, MAGLEV_SEED) % table_size]`` (see :mod:`caplance.flowhash`)."""
+        return self._table[mmh3.hash(key, MAGLEV_SEED, False) % self._size]
+
+    def lookup_table(self, ids: Mapping[str, int]) -> LookupTable:
+        """The table as backend ids (``ids``: name -> id, for every backend of weight > 0),
+        so that ``lookup_table(ids).entry(key) == ids[select(key)]`` for every key (0 where
+        ``select`` gives None). Raises ``ValueError`` naming a backend ``ids`` lacks."""
+        return export_lookup(self._table, MAGLEV_SEED, ids)
 
     def __repr__(self) -> str:
         return f"Maglev(table_size={self._size}, backends={self.backends!r})"

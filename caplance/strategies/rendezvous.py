@@ -39,8 +39,11 @@ from typing import Any, Final, final
 
 import mmh3
 
+from caplance.flowhash import RENDEZVOUS_SEED
+from caplance.forwarding import LookupTable
 from caplance.strategies import (
     check_fill,
+    export_lookup,
     is_prime,
     permutation,
     reject_unknown_options,
@@ -52,7 +55,6 @@ __all__ = ["DEFAULT_TABLE_SIZE", "Rendezvous", "populate", "row_score"]
 DEFAULT_TABLE_SIZE: Final = 262139
 _OFFSET_SEED: Final = 0x2E0D
 _SKIP_SEED: Final = 0x2E5C
-_KEY_SEED: Final = 0x2E6B
 _BATCH_RANKS: Final = 16
 
 
@@ -228,8 +230,16 @@ class Rendezvous:
         return cls([names[index] for index in rows], dict(items))
 
     def select(self, key: bytes, /) -> str | None:
-        """The backend for flow key ``key``; None when no backend has weight."""
-        return self._table[mmh3.hash(key, _KEY_SEED, False) % self._size]
+        """The backend for flow key ``key``; None when no backend has weight.
+
+        ``table[flow_hash(key, RENDEZVOUS_SEED) % table_size]`` (see :mod:`caplance.flowhash`)."""
+        return self._table[mmh3.hash(key, RENDEZVOUS_SEED, False) % self._size]
+
+    def lookup_table(self, ids: Mapping[str, int]) -> LookupTable:
+        """The table as backend ids (``ids``: name -> id, for every backend of weight > 0),
+        so that ``lookup_table(ids).entry(key) == ids[select(key)]`` for every key (0 where
+        ``select`` gives None). Raises ``ValueError`` naming a backend ``ids`` lacks."""
+        return export_lookup(self._table, RENDEZVOUS_SEED, ids)
 
     def __repr__(self) -> str:
         return f"Rendezvous(table_size={self._size}, backends={self.backends!r})"

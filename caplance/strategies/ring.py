@@ -14,6 +14,9 @@ weight only adds points (and lowering it only removes some), so the same holds f
 changes. Two backends that hash to the same point share it deterministically: the point
 belongs to the smaller name.
 
+At most :data:`MAX_POINTS` points are placed, whatever the weights (:func:`point_counts`);
+the guarantees above hold while ``vnodes`` times the total weight stays within that bound.
+
 Balance depends on the number of points: with ``v`` points per backend a backend's share
 varies by about ``1 / sqrt(v)`` of the mean. The default of 256 per unit of weight keeps
 100 equal backends within about 1.2 x the mean share; use ``maglev`` or ``rendezvous``
@@ -23,25 +26,49 @@ for tighter balance.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, final
 
 import mmh3
 
+from caplance.flowhash import RING_SEED
 from caplance.strategies import positive_int_option, reject_unknown_options, sorted_backends
 
-__all__ = ["DEFAULT_VNODES", "Ring"]
+__all__ = ["DEFAULT_VNODES", "MAX_POINTS", "Ring", "point_counts"]
 
 DEFAULT_VNODES: Final = 256
 _POINT_SEED: Final = 0x21A6
-_KEY_SEED: Final = 0x21A7
+_KEY_SEED: Final = RING_SEED
+#: the most points a ring places, whatever the weights (1000 backends of weight 1 at the
+#: default 256 vnodes fit: 256,000)
+MAX_POINTS: Final = 1 << 18
 _STRETCH_BITS: Final = 18
 _STRETCH_SHIFT: Final = 32 - _STRETCH_BITS
 
 
+def point_counts(weights: Sequence[int], vnodes: int) -> list[int]:
+    """Points per backend: ``vnodes * weight`` while they total at most :data:`MAX_POINTS`;
+    beyond that, ``MAX_POINTS`` shared in proportion to the weights (at least one point per
+    backend of weight > 0).
+
+    Within the bound, adding, removing or re-weighting a backend moves only keys to or from
+    it. Beyond it every backend's count depends on the total weight, so such a change also
+    moves some keys between backends that did not change: the price of bounded build time.
+    """
+    total = vnodes * sum(weights)
+    if total <= MAX_POINTS:
+        return [vnodes * weight for weight in weights]
+    return [max(1, vnodes * weight * MAX_POINTS // total) if weight else 0 for weight in weights]
+
+
 @final
 class Ring:
-    """An immutable consistent-hash ring. Build with :meth:`build`; look up with :meth:`select`."""
+    """An immutable consistent-hash ring. Build with :meth:`build`; look up with :meth:`select`.
+
+    A ring is searched, not indexed, so it has no ``lookup_table()``: it serves the Python data
+    plane, and a data plane that needs a table (the kernel's) refuses a ``ring`` VIP with an
+    error naming the selector.
+    """
 
     __slots__ = ("_direct", "_owners", "_points", "backends", "vnodes")
 
@@ -69,27 +96,34 @@ class Ring:
     def build(cls, backends: Mapping[str, int], /, **options: Any) -> Ring:
         """Build the ring for ``backends`` (name -> weight; weight 0 places no points).
 
-        Option ``vnodes``: points per unit of weight, an int >= 1, default 256. Raises
-        ``TypeError`` for unknown options or wrong types and ``ValueError`` for bad values.
+        Option ``vnodes``: points per unit of weight, an int >= 1, default 256. At most
+        :data:`MAX_POINTS` points are placed in all (see :func:`point_counts`), so any
+        allowed weights build in bounded time and memory. Raises ``TypeError`` for unknown
+        options or wrong types and ``ValueError`` for bad values.
         """
         vnodes = positive_int_option("ring", "vnodes", options.pop("vnodes", DEFAULT_VNODES))
         reject_unknown_options("ring", options)
         items = sorted_backends(backends)
-        placed: list[tuple[int, str]] = []
-        for name, weight in items:
-            data = name.encode()
-            placed += [
-                (mmh3.hash(data + index.to_bytes(4, "big"), _POINT_SEED, False), name)
-                for index in range(vnodes * weight)
-            ]
+        names = [name for name, _ in items]
+        shift = max(len(items), 1).bit_length()
+        placed: list[int] = []  # point << shift | owner index: ints sort fast, ties by name
+        for owner, count in enumerate(point_counts([weight for _, weight in items], vnodes)):
+            data = names[owner].encode()
+            hash32 = mmh3.hash
+            placed += [hash32(data + index.to_bytes(4, "big"), _POINT_SEED, False) << shift | owner
+                       for index in range(count)]
         placed.sort()
         points: list[int] = []
         owners: list[str | None] = []
-        for point, name in placed:
-            if points and points[-1] == point:
+        previous = -1
+        mask = (1 << shift) - 1
+        for value in placed:
+            point = value >> shift
+            if point == previous:
                 continue  # a shared point belongs to the smaller name, sorted first
+            previous = point
             points.append(point)
-            owners.append(name)
+            owners.append(names[value & mask])
         owners.append(owners[0] if owners else None)
         return cls(points, owners, dict(items), vnodes)
 

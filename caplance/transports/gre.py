@@ -119,7 +119,7 @@ class GreRawTransport(_GreBase):
                            what="GRE transport raw socket", connect=(str(backend), 0))
         attach_filter(sock, reject_all())  # send only: no copies of incoming GRE
         allow_fragmentation(sock)
-        return SocketSender(sock, self.overhead(backend.version), lambda packet, key: gre_encapsulate(packet))
+        return SocketSender(sock, lambda packet, key: gre_encapsulate(packet))
 
 
 def _local_address(ipr: IPRoute, backend: IPAddress) -> str:
@@ -157,7 +157,6 @@ class KernelGreSender:
         try:
             index = self._ipr.link_lookup(ifname=self.ifname)[0]
             self._ipr.link("set", index=index, state="up")
-            self.max_packet = int(self._ipr.get_links(index)[0].get_attr("IFLA_MTU"))
             self._sock = open_socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0, what="GRE device packet socket")
         except Exception:
             self.close()

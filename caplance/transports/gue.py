@@ -52,7 +52,7 @@ class GueTransport(UdpTransport):
         if backend.version == 6:
             sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_CHECKSUM, 6)  # the kernel sums UDP
         allow_fragmentation(sock)
-        return SocketSender(sock, self.overhead(backend.version), self.encapsulate)
+        return SocketSender(sock, self.encapsulate)
 
     def open_receiver(self, bind: IPAddress, netops: NetOps) -> DatagramReceiver:
         sock = open_socket(family_of(bind), socket.SOCK_DGRAM, what="GUE transport receiver",

@@ -13,7 +13,7 @@ from typing import Final
 
 from caplance.encapsulation import OUTER_IP, flow_source_port, udp_decapsulate, udp_encapsulate
 from caplance.netops import IPAddress, NetOps
-from caplance.sockets import SocketSource, allow_fragmentation, family_of, open_socket, path_mtu
+from caplance.sockets import SocketSource, allow_fragmentation, family_of, open_socket
 
 __all__ = ["DEFAULT_PORT", "UdpTransport", "SocketSender", "DatagramReceiver"]
 
@@ -24,13 +24,10 @@ REFUSALS_PER_CALL: Final = 64
 
 class SocketSender:
     """A sender over one connected, non-blocking socket; ``frame`` turns (packet, key) into
-    the bytes the socket sends (None: the packet as it is). ``max_packet`` is the largest
-    inner packet that fits the path MTU once encapsulated."""
+    the bytes the socket sends (None: the packet as it is)."""
 
-    def __init__(self, sock: socket.socket, overhead: int,
-                 frame: Callable[[bytes, bytes], bytes] | None = None) -> None:
+    def __init__(self, sock: socket.socket, frame: Callable[[bytes, bytes], bytes] | None = None) -> None:
         self._sock = sock
-        self.max_packet = path_mtu(sock) - overhead
         send = sock.send
         if frame is None:
             self.send: Callable[[bytes, bytes], object] = lambda packet, key: send(packet)
@@ -93,7 +90,7 @@ class UdpTransport:
         sock = open_socket(family_of(backend), socket.SOCK_DGRAM, what="UDP transport socket",
                            connect=(str(backend), self.port))
         allow_fragmentation(sock)
-        return SocketSender(sock, self.overhead(backend.version))
+        return SocketSender(sock)
 
     def open_receiver(self, bind: IPAddress, netops: NetOps) -> DatagramReceiver:
         sock = open_socket(family_of(bind), socket.SOCK_DGRAM, what="UDP transport receiver",

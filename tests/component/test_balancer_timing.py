@@ -5,8 +5,8 @@ Time-based behaviour runs on trio's MockClock (``autojump_clock``): no real slee
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 import trio
 
-from caplance import plugins
 from caplance.agent import Agent
 from caplance.balancer import Balancer
 from caplance.config import AgentConfig, BalancerConfig, HealthCheckConfig, PluginConfig, VipConfig
-from caplance.health import Tracker, run_health_checks
-from caplance.membership import Member, State
+from caplance.control.health import Tracker, run_health_checks
+from caplance.control.plane import ControlPlane
+from caplance.control.rebuild import InlineBuilder, ProcessBuilder, TableBuilder
+from caplance.control.membership import Member, State
 from caplance.testing import MemoryListener, RecordingTransport
 
 VIP = ipaddress.ip_address("10.99.0.1")
@@ -42,14 +43,18 @@ class Harness:
         self.listener = listener
         self.transport = transport
 
+    @property
+    def control(self) -> ControlPlane:
+        return self.balancer.control
+
     def join(self, name: str, weight: int = 1) -> None:
-        self.balancer.add_member(Member(name=name, address=ADDRESSES[name], transport=PluginConfig(name="udp"),
-                                        vips=(VIP,), weight=weight, static=False))
-        self.balancer.set_state(name, State.ACTIVE, "test")
+        self.control.add_member(Member(name=name, address=ADDRESSES[name], transport=PluginConfig(name="udp"),
+                                       vips=(VIP,), weight=weight, static=False))
+        self.control.set_state(name, State.ACTIVE, "test")
 
     async def settle(self) -> None:
-        """Let the rebuild task swap the new selector in."""
-        while self.balancer.rebuild_pending:
+        """Let the rebuild task publish the new table."""
+        while self.control.rebuild_pending:
             await trio.sleep(0.01)
 
     async def send(self, packets: list[bytes]) -> list[str]:
@@ -63,30 +68,19 @@ class Harness:
 
 
 @pytest.fixture
-async def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     """A running balancer whose selector rebuilds run inline: with the mock clock, a wait
-    for a real worker thread would let virtual time race ahead (expiring flows, heartbeats)."""
-    async def inline(function: Any, *args: Any, **kwargs: Any) -> Any:
-        await trio.lowlevel.checkpoint()
-        return function(*args)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
-    async for made in _harness(tmp_path):
+    for a real child process would let virtual time race ahead (expiring flows, heartbeats)."""
+    async with _harness(tmp_path, InlineBuilder()) as made:
         yield made
 
 
-@pytest.fixture
-async def threaded_harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    """A running balancer with real worker-thread rebuilds (use the real clock with it)."""
-    async for made in _harness(tmp_path):
-        yield made
-
-
-async def _harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    config = BalancerConfig(vips=(VipConfig(address=VIP, ports=(80,)),), heartbeat_timeout=3.0,
+@contextlib.asynccontextmanager
+async def _harness(tmp_path: Path, builder: TableBuilder, **vip: Any) -> AsyncIterator[Harness]:
+    config = BalancerConfig(vips=(VipConfig(address=VIP, ports=(80,), **vip),), heartbeat_timeout=3.0,
                             drain_timeout=5.0, drain_idle=0.5, control_socket=str(tmp_path / "ctl.sock"))
     listener, transport = MemoryListener(), RecordingTransport()
-    balancer = Balancer(config, listener=listener, transports={"udp": transport})
+    balancer = Balancer(config, listener=listener, transports={"udp": transport}, builder=builder)
     async with trio.open_nursery() as nursery:
         await nursery.start(balancer.run)
         yield Harness(balancer, listener, transport)
@@ -103,11 +97,11 @@ async def test_a_silent_backend_is_removed_after_the_heartbeat_timeout(
     gone_at = None
     while trio.current_time() - start < 10:
         await trio.sleep(0.5)
-        harness.balancer.heartbeat("a", True)  # only a keeps beating
-        if gone_at is None and harness.balancer.membership.get("b").state is State.GONE:
+        harness.control.heartbeat("a", True)  # only a keeps beating
+        if gone_at is None and harness.control.membership.get("b").state is State.GONE:
             gone_at = trio.current_time() - start
     assert gone_at is not None and 3.0 <= gone_at <= 3.0 + 0.75 + 0.5  # timeout + watchdog period
-    assert harness.balancer.membership.get("a").state is State.ACTIVE
+    assert harness.control.membership.get("a").state is State.ACTIVE
     await harness.settle()
     assert set(await harness.send([packet(p) for p in range(1000, 1100)])) == {"a"}
 
@@ -115,14 +109,14 @@ async def test_a_silent_backend_is_removed_after_the_heartbeat_timeout(
 async def test_a_drain_ends_at_its_deadline(harness: Harness, autojump_clock: trio.testing.MockClock) -> None:
     harness.join("a")
     harness.join("b")
-    harness.balancer.set_state("b", State.DRAINING, "test", drain_timeout=5.0)
+    harness.control.set_state("b", State.DRAINING, "test", drain_timeout=5.0)
     start = trio.current_time()
-    while harness.balancer.membership.get("b").state is State.DRAINING:
+    while harness.control.membership.get("b").state is State.DRAINING:
         await trio.sleep(0.1)
-        harness.balancer.heartbeat("a", True)
-        harness.balancer.heartbeat("b", True)
+        harness.control.heartbeat("a", True)
+        harness.control.heartbeat("b", True)
     assert 5.0 <= trio.current_time() - start <= 5.0 + 0.75 + 0.1
-    assert harness.balancer.membership.get("b").state is State.GONE
+    assert harness.control.membership.get("b").state is State.GONE
     await harness.settle()
     assert set(await harness.send([packet(p) for p in range(2000, 2100)])) == {"a"}
 
@@ -130,10 +124,10 @@ async def test_a_drain_ends_at_its_deadline(harness: Harness, autojump_clock: tr
 async def test_paused_backends_get_no_new_flows(harness: Harness, autojump_clock: trio.testing.MockClock) -> None:
     harness.join("a")
     harness.join("b")
-    harness.balancer.set_state("a", State.PAUSED, "test")
+    harness.control.set_state("a", State.PAUSED, "test")
     await harness.settle()
     assert set(await harness.send([packet(p) for p in range(3000, 3100)])) == {"b"}
-    harness.balancer.set_state("a", State.ACTIVE, "test")
+    harness.control.set_state("a", State.ACTIVE, "test")
     await harness.settle()
     # flows that started while a was paused stay on b; new flows use a again
     assert set(await harness.send([packet(p) for p in range(3000, 3100)])) == {"b"}
@@ -146,7 +140,7 @@ async def test_a_paused_backend_keeps_its_established_flows(
     harness.join("b")
     await harness.settle()
     before = await harness.send([packet(p) for p in range(7000, 7100)])
-    harness.balancer.set_state("a", State.PAUSED, "test")
+    harness.control.set_state("a", State.PAUSED, "test")
     await harness.settle()
     assert await harness.send([packet(p) for p in range(7000, 7100)]) == before  # unmoved
     assert set(await harness.send([packet(p) for p in range(7100, 7200)])) == {"b"}  # new flows
@@ -170,45 +164,53 @@ async def test_active_checks_flip_health_after_fall_and_rise(
 
     def record(name: str, healthy: bool) -> None:
         seen.append((trio.current_time(), healthy))
-        Balancer.set_check_health(harness.balancer, name, healthy)
+        ControlPlane.set_check_health(harness.control, name, healthy)
 
-    monkeypatch.setattr("caplance.health.check_once", fake_check)
-    monkeypatch.setattr(harness.balancer, "set_check_health", record)
+    monkeypatch.setattr("caplance.control.health.check_once", fake_check)
+    monkeypatch.setattr(harness.control, "set_check_health", record)
     config = HealthCheckConfig(port=80, interval=2.0, timeout=1.0, rise=2, fall=3)
     async def keep_beating() -> None:
         while True:
-            harness.balancer.heartbeat("a", True)
+            harness.control.heartbeat("a", True)
             await trio.sleep(0.5)
 
     start = trio.current_time()
     with trio.move_on_after(13):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(keep_beating)
-            nursery.start_soon(run_health_checks, harness.balancer, VIP, config)
+            nursery.start_soon(run_health_checks, harness.control, VIP, config)
     times = [(round(at - start), healthy) for at, healthy in seen]
     assert times == [(6, False), (10, True)]  # 3rd failure at t=6 s, 2nd pass at t=10 s
 
 
-async def test_rebuilds_happen_off_the_forwarding_path(threaded_harness: Harness,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    harness = threaded_harness
+BIG_TABLE = {"selector": PluginConfig(name="maglev", options={"table_size": 1000003})}
+
+
+async def forwarded_during_a_rebuild(harness: Harness) -> int:
+    """Packets forwarded while a large maglev table (a million slots: pure Python, holding
+    its process's GIL for a good part of a second) is built for a new backend."""
     harness.join("a")
     await harness.settle()
-    real_build = plugins.build_selector
-
-    def slow_build(*args: object, **kwargs: object) -> object:
-        time.sleep(0.5)  # in the worker thread
-        return real_build(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(plugins, "build_selector", slow_build)
-    rebuilds = harness.balancer.rebuilds
+    rebuilds = harness.control.rebuilds
     harness.join("b")
-    forwarded_during_build = 0
-    while harness.balancer.rebuilds == rebuilds:
-        forwarded_during_build += len(await harness.send([packet(p) for p in range(4000, 4010)]))
-        await trio.sleep(0.01)
-    assert forwarded_during_build >= 100  # packets kept flowing while the table was built
+    forwarded = 0
+    while harness.control.rebuilds == rebuilds:
+        forwarded += len(await harness.send([packet(p) for p in range(4000, 4010)]))
+        await trio.sleep(0.001)
     assert set(await harness.send([packet(p) for p in range(4000, 4100)])) == {"a", "b"}
+    return forwarded
+
+
+async def test_rebuilds_in_a_child_process_do_not_stall_forwarding(tmp_path: Path) -> None:
+    async with _harness(tmp_path, ProcessBuilder(), **BIG_TABLE) as harness:
+        assert await forwarded_during_a_rebuild(harness) >= 100  # packets kept flowing
+
+
+async def test_the_stall_check_can_fail(tmp_path: Path) -> None:
+    """The same build in the balancer's own thread: nothing is forwarded until it is done
+    (but the one batch sent before the build began)."""
+    async with _harness(tmp_path, InlineBuilder(), **BIG_TABLE) as harness:
+        assert await forwarded_during_a_rebuild(harness) <= 10
 
 
 async def test_malformed_packets_are_counted_and_forwarding_continues(harness: Harness) -> None:
@@ -216,7 +218,7 @@ async def test_malformed_packets_are_counted_and_forwarding_continues(harness: H
     await harness.settle()
     sent = await harness.send([b"", b"\x45\x00", b"\x60" + b"\x00" * 10, packet(5000), b"\xff" * 60])
     assert sent == ["a"]
-    dropped = harness.balancer.stats.dropped
+    dropped = harness.balancer.snapshot()["dropped"]
     assert dropped["malformed_truncated"] == 3 and dropped["malformed_bad_version"] == 1
 
 
@@ -228,9 +230,9 @@ async def test_stopping_drains_refuses_new_flows_and_detaches(tmp_path: Path) ->
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(balancer.run)
-            balancer.add_member(Member(name="a", address=ADDRESSES["a"], transport=PluginConfig(name="udp"),
-                                       vips=(VIP,), weight=1, static=False))
-            balancer.set_state("a", State.ACTIVE, "test")
+            balancer.control.add_member(Member(name="a", address=ADDRESSES["a"], transport=PluginConfig(name="udp"),
+                                               vips=(VIP,), weight=1, static=False))
+            balancer.control.set_state("a", State.ACTIVE, "test")
             await trio.sleep(0.1)
             listener.source.push(packet(6001, flags=0x02))  # flow 6001 starts before the stop
             listener.source.push(packet(6001, flags=0x10))
@@ -240,7 +242,7 @@ async def test_stopping_drains_refuses_new_flows_and_detaches(tmp_path: Path) ->
             listener.source.push(packet(6000, flags=0x02))  # a SYN: a new flow
             listener.source.push(packet(6001, flags=0x10))  # an ACK of an existing one
             await trio.testing.wait_all_tasks_blocked()
-    assert balancer.stats.dropped["draining"] == 1
+    assert balancer.snapshot()["dropped"]["draining"] == 1
     assert len(transport.sent) == 3  # flow 6001's three packets; not the new flow's SYN
     assert not (tmp_path / "ctl.sock").exists()  # the ctl socket went with it
 
@@ -268,10 +270,10 @@ async def test_metrics_endpoint_serves_the_counters(tmp_path: Path) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(balancer.run)
-            balancer.add_member(Member(name="a", address=ADDRESSES["a"], transport=PluginConfig(name="udp"),
-                                       vips=(VIP,), weight=2, static=False))
-            balancer.set_state("a", State.ACTIVE, "test")
-            while balancer.rebuild_pending:
+            balancer.control.add_member(Member(name="a", address=ADDRESSES["a"], transport=PluginConfig(name="udp"),
+                                               vips=(VIP,), weight=2, static=False))
+            balancer.control.set_state("a", State.ACTIVE, "test")
+            while balancer.control.rebuild_pending:
                 await trio.sleep(0.01)
             for sport in range(10):
                 listener.source.push(packet(sport + 100))
@@ -293,6 +295,12 @@ async def test_metrics_endpoint_serves_the_counters(tmp_path: Path) -> None:
             assert 'caplance_forwarded_packets_total{backend="a"} 10' in text
             assert 'caplance_dropped_packets_total{reason="malformed_bad_version"} 1' in text
             assert 'caplance_backend_weight{backend="a"} 2' in text
+            assert 'caplance_backend_up{backend="a"} 1' in text
+            balancer.control.set_state("a", State.PAUSED, "test")
+            paused = await get("/metrics")
+            assert 'caplance_backend_up{backend="a"} 0' in paused  # not always 1
+            assert 'caplance_backend_state{backend="a",state="paused"} 1' in paused
+            assert 'caplance_backend_state{backend="a",state="active"} 0' in paused
             assert "caplance_conntrack_flows 10" in text
             assert (await get("/other")).startswith("HTTP/1.0 404")
             balancer.stop()

@@ -15,8 +15,8 @@ import trio
 from caplance import control_codec as codec
 from caplance.balancer import Balancer
 from caplance.config import BalancerConfig, Secret, VipConfig
-from caplance.control import FramedStream
-from caplance.membership import State
+from caplance.framed import FramedStream
+from caplance.control.membership import State
 from caplance.testing import MemoryListener, RecordingTransport
 
 SECRET = b"test secret"
@@ -101,8 +101,8 @@ async def test_bad_registrations_are_refused_before_anything_changes(
     framed = await rig.connect()
     answer = await rig.handshake(framed, **fields)
     assert answer["type"] == "refused" and problem in answer["reason"], answer
-    assert rig.balancer.membership.members() == []
-    assert rig.balancer.stats.control["refused_malformed"] == 1
+    assert rig.balancer.control.membership.members() == []
+    assert rig.balancer.control.counters["refused_malformed"] == 1
 
 
 async def test_huge_numbers_and_odd_proofs_close_only_that_connection(rig: Rig) -> None:
@@ -117,8 +117,8 @@ async def test_huge_numbers_and_odd_proofs_close_only_that_connection(rig: Rig) 
     await framed.send(codec.message("register", name="a", data_address="10.0.0.1", weight=1,
                                     transport={"name": "udp"}, vips=[str(VIP)], proof="\u00e9" * 64))
     assert (await framed.receive())["reason"] == "authentication failed"
-    assert rig.balancer.stats.control["protocol_bad_json"] == 1
-    assert "internal_error" not in rig.balancer.stats.control
+    assert rig.balancer.control.counters["protocol_bad_json"] == 1
+    assert "internal_error" not in rig.balancer.control.counters
     await rig.register("b")  # the balancer still serves
 
 
@@ -127,13 +127,13 @@ async def test_a_lost_agent_is_hung_up_on_and_an_operator_removal_is_final(rig: 
     # no heartbeats from "lost": after the timeout the balancer closes the session, without
     # telling it it is gone for good (it may come back)
     with trio.fail_after(5):
-        while rig.balancer.membership.get("lost").state is not State.GONE:
+        while rig.balancer.control.membership.get("lost").state is not State.GONE:
             await trio.sleep(0.05)
         with pytest.raises(trio.BrokenResourceError):
             while True:
                 assert (await lost.receive())["type"] == "heartbeat"
     sent_away = await rig.register("sent-away")
-    rig.balancer.set_state("sent-away", State.GONE, "test", by_operator=True)
+    rig.balancer.control.set_state("sent-away", State.GONE, "test", by_operator=True)
     with trio.fail_after(5):
         while (msg := await sent_away.receive())["type"] == "heartbeat":
             pass
@@ -143,12 +143,12 @@ async def test_a_lost_agent_is_hung_up_on_and_an_operator_removal_is_final(rig: 
 async def test_a_replaced_registration_cannot_touch_its_successor(rig: Rig) -> None:
     old = await rig.register("a")
     new = await rig.register("a")
-    successor = rig.balancer.membership.get("a")
+    successor = rig.balancer.control.membership.get("a")
     assert successor.state is State.ACTIVE
     await old.send(codec.message("state", state="paused"))  # from the replaced session
     await new.send(codec.message("heartbeat", seq=1, healthy=True))
     with trio.fail_after(5):
         assert (await new.expect("heartbeat"))["seq"] == 1
-    assert rig.balancer.membership.get("a") is successor
+    assert rig.balancer.control.membership.get("a") is successor
     assert successor.state is State.ACTIVE  # the old session's request did nothing
-    assert "a" in rig.balancer.sessions
+    assert "a" in rig.balancer.control.sessions

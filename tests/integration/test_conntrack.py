@@ -41,9 +41,11 @@ def active(lab: Lab, *names: str) -> bool:
     return all(now.get(name) == "active" for name in names)
 
 
-def test_long_lived_connections_survive_every_change_of_the_backend_set(lab4: Lab) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_long_lived_connections_survive_every_change_of_the_backend_set(lab4: Lab, workers: int) -> None:
     lab = lab4
-    start_dynamic_balancer(lab, vips=[{"address": str(VIP4), "protocol": "tcp", "ports": [8080]}])
+    start_dynamic_balancer(lab, vips=[{"address": str(VIP4), "protocol": "tcp", "ports": [8080]}],
+                           workers=workers)
     agents = {name: start_echo_agent(lab, name) for name in ("be1", "be2", "be3")}
     wait_for(lambda: active(lab, "be1", "be2", "be3"), what="three backends active")
     client = lab.spawn("client", *LAB, "streams", "--host", str(VIP4), "--count", "50", "--seconds", "12",
@@ -71,7 +73,8 @@ def test_long_lived_connections_survive_every_change_of_the_backend_set(lab4: La
             assert stream["error"] is None, stream
             assert stream["chunks"] >= 80  # ~12 s at one chunk per 100 ms, every one intact
     status = ctl(lab, "status")
-    assert status["extra"]["conntrack"]["hits"] > 0
+    assert status["conntrack"]["hits"] > 0
+    assert status["dataplane"].get("workers", 1) == workers
     assert states(lab)["be2"] == "draining" and states(lab)["be3"] == "gone"
 
 

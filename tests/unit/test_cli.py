@@ -22,7 +22,8 @@ import trio.testing
 
 from caplance.balancer import Balancer
 from caplance.cli import build_parser, load_checked
-from caplance.config import BalancerConfig, load_agent_config, load_balancer_config
+from caplance.config import BalancerConfig
+from caplance.configfile import load_agent_config, load_balancer_config
 from caplance.packet import flow_key
 from caplance.testing import MemoryListener, RecordingTransport
 from tests.builders import ipv4, tcp
@@ -141,7 +142,7 @@ def test_an_unreadable_file_is_an_invalid_configuration(tmp_path: Path, text: st
     ("CAPLANCE_DRAIN_TIMEOUT", "soon",
      '@ $.drain_timeout (from CAPLANCE_DRAIN_TIMEOUT): expected a number of seconds > 0, got "soon"'),
     ("CAPLANCE_LISTENER__KINDS", "raw",
-     '@ $.listener (from CAPLANCE_LISTENER__KINDS): unknown key "kinds" (keys here: kind, interface, device)'),
+     '@ $.listener (from CAPLANCE_LISTENER__KINDS): unknown key "kinds" (keys here: kind, interface, device, options)'),
     ("CAPLANCE_VIPS__5__ADDRESS", "10.99.0.5",
      "@ $.vips[5] (from CAPLANCE_VIPS__5__ADDRESS): no list item 5: the list has 2; add items in order (2 next)"),
 ])
@@ -293,5 +294,5 @@ async def test_a_balancer_from_the_file_forwards_by_the_example_plugin(
     assert chosen == [reference.select(flow_key(packet)) for packet in packets]
     assert chosen != [other_seed.select(flow_key(packet)) for packet in packets]  # the options reached it
     assert set(chosen) == {"be1", "be2", "be3"}
-    assert dict(balancer.stats.forwarded) == {name: chosen.count(name) for name in ("be1", "be2", "be3")}
+    assert balancer.snapshot()["forwarded"] == {name: chosen.count(name) for name in ("be1", "be2", "be3")}
 

@@ -30,12 +30,10 @@ from caplance.config import (
     PluginConfig,
     Secret,
     VipConfig,
-    apply_environment,
-    load_agent_config,
-    load_balancer_config,
     structure,
     unstructure,
 )
+from caplance.configfile import apply_environment, load_agent_config, load_balancer_config
 from caplance.errors import ConfigError
 
 MINIMAL: dict[str, Any] = {"vips": [{"address": "10.99.0.1", "ports": [80],
@@ -57,7 +55,7 @@ def test_every_problem_is_listed_with_its_path_and_value() -> None:
     data = {
         "vips": [{"address": "10.99.0.1", "ports": [80, "http", 70000],
                   "backends": [{"name": "be1", "address": "nope", "weight": -1, "colour": "red"}]}],
-        "listener": {"kind": "carrier-pigeon"},
+        "listener": {"kind": "packet"},
         "drain_timeout": 0,
         "control": "10.0.0.2",
     }
@@ -69,7 +67,8 @@ def test_every_problem_is_listed_with_its_path_and_value() -> None:
         "$.vips[0].backends[0].address": 'expected an IP address, got "nope"',
         "$.vips[0].backends[0].weight": "expected an int from 0 to 65535, got -1",
         "$.vips[0].backends[0]": 'unknown key "colour"',
-        "$.listener.kind": 'expected one of "tun", "raw", "packet", got "carrier-pigeon"',
+        "$.listener": "listener 'packet' needs an interface: the Ethernet interface clients' packets arrive"
+                      ' on (interface = "eth0", say)',
         "$.drain_timeout": "expected a number of seconds > 0, got 0",
         "$.control": 'expected "address:port" (IPv6: "[address]:port"), got "10.0.0.2"',
     }
@@ -160,7 +159,7 @@ def test_nested_keys_and_list_items() -> None:
                         CAPLANCE_VIPS__0__PORTS="[80, 443]",
                         CAPLANCE_VIPS__0__BACKENDS__0__WEIGHT="3",
                         CAPLANCE_DRAIN_TIMEOUT="2.5")
-    assert data["listener"] == {"kind": "raw", "interface": "lo", "device": "caplance0"}
+    assert data["listener"] == {"kind": "raw", "interface": "lo", "device": "caplance0", "options": {}}
     assert data["vips"][0]["ports"] == [80, 443]
     assert data["vips"][0]["backends"][0] == {"name": "be1", "address": "10.0.0.11", "weight": 3}
     assert data["drain_timeout"] == 2.5
@@ -234,9 +233,9 @@ def test_a_missing_table_starts_from_the_fields_default() -> None:
     ({"CAPLANCE_LISTENR__KIND": "raw"}, "$ (from CAPLANCE_LISTENR__KIND)",
      ('unknown key "listenr" (keys here: vips, listener, conntrack, control, control_socket,'
      " metrics, secret_file, secret, allowed_networks, heartbeat_timeout, proof_timeout,"
-     " drain_timeout, drain_idle)")),
+     " drain_timeout, drain_idle, workers)")),
     ({"CAPLANCE_LISTENER__KINDX": "raw"}, "$.listener (from CAPLANCE_LISTENER__KINDX)",
-     'unknown key "kindx" (keys here: kind, interface, device)'),
+     'unknown key "kindx" (keys here: kind, interface, device, options)'),
     ({"CAPLANCE_DRAIN_TIMEOUT__X": "1"}, "$.drain_timeout (from CAPLANCE_DRAIN_TIMEOUT__X)",
      "a single value has no keys or items below it"),
     ({"CAPLANCE_VIPS__FIRST__PORTS": "[1]"}, "$.vips (from CAPLANCE_VIPS__FIRST__PORTS)",
@@ -379,8 +378,8 @@ FIELDS: dict[type, dict[str, st.SearchStrategy[Any]]] = {
     BackendConfig: {"name": names, "address": addresses, "weight": st.integers(0, 1000), "transport": plugins},
     HealthCheckConfig: {"kind": st.sampled_from(["tcp", "http"]), "port": ports, "path": st.text(max_size=20),
                         "interval": seconds, "timeout": seconds, "rise": counts, "fall": counts},
-    ListenerConfig: {"kind": st.sampled_from(["tun", "raw", "packet"]), "interface": st.none() | ifnames,
-                     "device": ifnames},
+    ListenerConfig: {"kind": st.sampled_from(["tun", "raw", "nfqueue"]), "interface": st.none() | ifnames,
+                     "device": ifnames, "options": options},
     ConntrackConfig: {"enabled": st.booleans(), "max_flows": counts, "tcp_timeout": seconds,
                       "tcp_closing_timeout": seconds, "udp_timeout": seconds},
     LocalCheckConfig: {"command": st.just(()), "url": st.none(), "interval": seconds, "timeout": seconds},
@@ -404,6 +403,7 @@ FIELDS[BalancerConfig] = {
     "metrics": st.none() | endpoints, "secret_file": st.none() | st.text(min_size=1, max_size=30),
     "secret": st.none(), "allowed_networks": st.lists(networks, max_size=3).map(tuple),
     "heartbeat_timeout": seconds, "proof_timeout": seconds, "drain_timeout": seconds, "drain_idle": seconds,
+    "workers": st.just("auto") | st.integers(1, 64),
 }
 local_checks = st.one_of(
     builds(LocalCheckConfig, command=st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=3).map(tuple)),

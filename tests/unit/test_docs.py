@@ -22,7 +22,8 @@ import pytest
 
 from caplance import plugins
 from caplance.cli import build_parser
-from caplance.config import AgentConfig, BalancerConfig, apply_environment, structure
+from caplance.config import AgentConfig, BalancerConfig, structure
+from caplance.configfile import apply_environment
 
 from .test_selectors import example_plugin  # noqa: F401 - the fixture that installs it
 
@@ -96,7 +97,8 @@ def test_the_reference_shows_defaults_and_requirements() -> None:
     assert "| `vips` | list of [VipConfig](#balancer-vipconfig) tables | **required** |" in text
     assert '| `control_socket` | string | `"/run/caplance/balancer.sock"` |' in text
     assert "| `drain_timeout` | seconds (number > 0) | `10.0` |" in text
-    assert '| `kind` | "tun" / "raw" / "packet" | `"tun"` |' in text
+    assert '| `kind` | "tcp" / "http" | `"tcp"` |' in text
+    assert '| `kind` | name (1-64 printable characters) | `"tun"` |' in text
 
 
 @pytest.mark.parametrize("root", ["balancer", "agent"])
@@ -175,7 +177,7 @@ def drop_reasons(module: str) -> set[str]:
         {"malformed_<reason>"} if 'dropped["malformed_" +' in source else set())
 
 
-@pytest.mark.parametrize("module", ["balancer.py", "agent.py"])
+@pytest.mark.parametrize("module", ["dataplane/python.py", "agent/__init__.py"])
 def test_every_drop_reason_is_explained(module: str) -> None:
     troubleshooting = (DOCS / "troubleshooting.md").read_text()
     reasons = drop_reasons(module)

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from caplance.config import PluginConfig
-from caplance.membership import Member, Membership, MembershipError, State
+from caplance.control.membership import FORGOTTEN, REGISTERED, Member, Membership, MembershipError, State
 
 VIP = ipaddress.ip_address("10.99.0.1")
 
@@ -84,5 +84,35 @@ def test_a_new_registration_replaces_the_old_one() -> None:
     members.add(old, now=0)
     members.transition("a", State.ACTIVE, 0, "proven")
     changes = members.add(member("a"), now=1)
-    assert [(c.old, c.new) for c in changes] == [(State.ACTIVE, State.GONE)]
+    assert [(c.old, c.new, c.reason) for c in changes] == [
+        (State.ACTIVE, State.GONE, "replaced by a new registration"),
+        (State.GONE, State.REGISTERING, REGISTERED)]
     assert members.get("a") is not old
+    assert old.state is State.GONE  # a session still holding the old one sees it is over
+
+
+def test_subscribers_see_every_change_in_order() -> None:
+    members = Membership()
+    seen: list[tuple[str, str, str, str]] = []
+    members.subscribe(lambda c: seen.append((c.name, c.old.value, c.new.value, c.reason)))
+    members.add(member("a"), now=0)
+    members.transition("a", State.ACTIVE, 1, "proven")
+    members.heartbeat("a", 2, healthy=False)
+    members.heartbeat("a", 3, healthy=False)  # no change: no event
+    members.transition("a", State.GONE, 4, "left")
+    assert members.forget_gone(10, after=5) == ["a"]
+    assert seen == [
+        ("a", "gone", "registering", REGISTERED),
+        ("a", "registering", "active", "proven"),
+        ("a", "active", "active", "agent reports unhealthy"),
+        ("a", "active", "gone", "left"),
+        ("a", "gone", "gone", FORGOTTEN),
+    ]
+
+
+def test_events_name_the_vips_they_concern() -> None:
+    members = Membership()
+    seen = []
+    members.subscribe(seen.append)
+    members.add(member("a"), now=0)
+    assert seen[-1].vips == (VIP,)

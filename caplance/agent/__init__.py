@@ -31,11 +31,11 @@ import attrs
 import trio
 
 from caplance import plugins
+from caplance.agent.health import run_local_check
+from caplance.agent.session import run_agent_control
 from caplance.config import AgentConfig
-from caplance.control import run_agent_control
 from caplance.control_codec import probe_token
 from caplance.errors import MalformedPacket
-from caplance.health import run_local_check
 from caplance.interfaces import Transport
 from caplance.netops import NetOps
 from caplance.packet import destination, flow_key
@@ -79,6 +79,10 @@ class Agent:
         self._left = trio.Event()
         self._requests_send, self._requests = trio.open_memory_channel[str](8)
         self._probes_send, self._probes = trio.open_memory_channel[str](8)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The agent's counters."""
+        return self.stats.snapshot()
 
     def stop(self) -> None:
         """Ask :meth:`run` to drain (when registered with a balancer), deregister and
@@ -140,7 +144,7 @@ class Agent:
                 nursery.start_soon(pump, source, functools.partial(self._drain, targets, source),
                                    self._receive_error)
                 if self.config.balancer is not None:
-                    nursery.start_soon(run_agent_control, self, self._probes)
+                    nursery.start_soon(run_agent_control, self, self.config.balancer, self._probes)
                 if self.config.health is not None:
                     nursery.start_soon(run_local_check, self, self.config.health)
                 task_status.started()

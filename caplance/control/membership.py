@@ -13,12 +13,17 @@ States::
 
 Health is orthogonal: a backend that fails its health checks (the balancer's active checks or
 its agent's own report) leaves the selector like a gone one, and comes back when healthy.
+
+**Events.** Every change is a :class:`Transition`, published to each subscriber
+(:meth:`Membership.subscribe`) in order, synchronously: the control plane's rebuilder, the
+agent-session notifier, the log and the announcers each subscribe. A subscriber must not
+raise and must not change the membership from inside its callback.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 
@@ -84,12 +89,21 @@ class Member:
 
 @attrs.frozen
 class Transition:
-    """A state change, for the one log line each gets."""
+    """A change of one backend. ``old is new`` for a change of health, and for
+    ``reason == FORGOTTEN`` (a gone backend is no longer listed)."""
 
     name: str
     old: State
     new: State
     reason: str
+    #: the VIPs the change concerns
+    vips: tuple[IPAddress, ...] = ()
+
+
+#: the reason of the event that removes a long-gone backend from the listing
+FORGOTTEN = "forgotten"
+#: the reason of the event that adds a backend
+REGISTERED = "registered"
 
 
 class Membership:
@@ -97,6 +111,17 @@ class Membership:
 
     def __init__(self) -> None:
         self._members: dict[str, Member] = {}
+        self._subscribers: list[Callable[[Transition], None]] = []
+
+    def subscribe(self, subscriber: Callable[[Transition], None]) -> None:
+        """Call ``subscriber`` with every :class:`Transition` from now on, in order."""
+        self._subscribers.append(subscriber)
+
+    def _publish(self, change: Transition | None) -> Transition | None:
+        if change is not None:
+            for subscriber in self._subscribers:
+                subscriber(change)
+        return change
 
     def __contains__(self, name: object) -> bool:
         return name in self._members
@@ -115,18 +140,24 @@ class Membership:
         changes = []
         old = self._members.get(member.name)
         if old is not None and old.state is not State.GONE:
-            changes.append(Transition(old.name, old.state, State.GONE, "replaced by a new registration"))
+            changes.append(Transition(old.name, old.state, State.GONE, "replaced by a new registration",
+                                      old.vips))
+            old.state = State.GONE
         member.since = now
         member.last_heartbeat = now
         self._members[member.name] = member
+        changes.append(Transition(member.name, State.GONE, member.state, REGISTERED, member.vips))
+        for change in changes:
+            self._publish(change)
         return changes
 
     def forget_gone(self, now: float, after: float) -> list[str]:
         """Forget members gone for longer than ``after`` seconds; their names."""
-        old = [m.name for m in self._members.values() if m.state is State.GONE and now - m.since > after]
-        for name in old:
-            del self._members[name]
-        return old
+        old = [m for m in self._members.values() if m.state is State.GONE and now - m.since > after]
+        for member in old:
+            del self._members[member.name]
+            self._publish(Transition(member.name, State.GONE, State.GONE, FORGOTTEN, member.vips))
+        return [member.name for member in old]
 
     def transition(self, name: str, new: State, now: float, reason: str, *,
                    drain_deadline: float | None = None) -> Transition | None:
@@ -139,11 +170,11 @@ class Membership:
             return None
         if new not in _ALLOWED[member.state]:
             raise MembershipError(f"{name} is {member.state.value}; cannot become {new.value}")
-        change = Transition(name, member.state, new, reason)
+        change = Transition(name, member.state, new, reason, member.vips)
         member.state = new
         member.since = now
         member.drain_deadline = drain_deadline if new is State.DRAINING else None
-        return change
+        return self._publish(change)
 
     def heartbeat(self, name: str, now: float, healthy: bool) -> Transition | None:
         """Record a heartbeat. Returns a pseudo-transition when the agent's health flips
@@ -152,8 +183,9 @@ class Membership:
         member.last_heartbeat = now
         if member.agent_healthy != healthy:
             member.agent_healthy = healthy
-            return Transition(name, member.state, member.state,
-                              "agent reports healthy" if healthy else "agent reports unhealthy")
+            return self._publish(Transition(name, member.state, member.state,
+                                            "agent reports healthy" if healthy else "agent reports unhealthy",
+                                            member.vips))
         return None
 
     def set_check_health(self, name: str, healthy: bool) -> Transition | None:
@@ -161,8 +193,8 @@ class Membership:
         if member.check_healthy == healthy:
             return None
         member.check_healthy = healthy
-        return Transition(name, member.state, member.state,
-                          "health checks pass" if healthy else "health checks fail")
+        return self._publish(Transition(name, member.state, member.state,
+                                        "health checks pass" if healthy else "health checks fail", member.vips))
 
     def expire(self, now: float, heartbeat_timeout: float) -> list[Transition]:
         """Members whose heartbeats stopped, or whose drain deadline passed, become gone."""

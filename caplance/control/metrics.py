@@ -9,17 +9,14 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
-from caplance.ctl import status_rows
+from caplance.config import Endpoint
 from caplance.sockets import open_listeners
 
-if TYPE_CHECKING:
-    from caplance.balancer import Balancer
-
-__all__ = ["render", "serve_metrics"]
+__all__ = ["StatusSource", "render", "serve_metrics"]
 
 log = logging.getLogger(__name__)
 _TIMEOUT = 5.0
@@ -37,9 +34,21 @@ def _family(name: str, kind: str, help_text: str, samples: Iterable[tuple[Mappin
     return lines
 
 
-def render(snapshot: Mapping[str, Any], backends: Iterable[Mapping[str, Any]]) -> str:
-    """Prometheus text for a balancer's ``stats.snapshot()`` and its backend rows."""
-    rows = list(backends)
+class StatusSource(Protocol):
+    def status(self) -> dict[str, Any]:
+        """What ``caplance ctl status`` returns."""
+        ...
+
+
+#: backend states, for the state gauge
+STATES = ("registering", "active", "paused", "draining", "gone")
+
+
+def render(status: Mapping[str, Any]) -> str:
+    """Prometheus text for a balancer's status (see :meth:`StatusSource.status`)."""
+    rows = list(status["backends"])
+    snapshot = status["counters"]
+    control = status.get("control") or {}
     lines = _family("caplance_packets_in_total", "counter", "Packets received for the VIPs.",
                     [({}, snapshot["packets_in"])])
     lines += _family("caplance_forwarded_packets_total", "counter", "Packets sent to each backend.",
@@ -49,14 +58,24 @@ def render(snapshot: Mapping[str, Any], backends: Iterable[Mapping[str, Any]]) -
     lines += _family("caplance_dropped_packets_total", "counter", "Packets dropped, by reason.",
                      [({"reason": k}, v) for k, v in sorted(snapshot["dropped"].items())])
     lines += _family("caplance_control_events_total", "counter", "Control-plane events, by kind.",
-                     [({"event": k}, v) for k, v in sorted(snapshot["control"].items())])
+                     [({"event": k}, v) for k, v in sorted(control.items())])
     lines += _family("caplance_icmp_too_big_total", "counter", "ICMP too-big errors sent to clients.",
                      [({}, snapshot["icmp_too_big"])])
-    lines += _family("caplance_backend_up", "gauge", "1 for each backend in its current state.",
-                     [({"backend": r["backend"], "state": r["state"], "health": r["health"]}, 1) for r in rows])
+    lines += _family("caplance_backend_up", "gauge",
+                     "1 while a backend takes new flows (active and healthy), else 0.",
+                     [({"backend": r["backend"]}, int(r["state"] == "active" and r["health"] == "ok"))
+                      for r in rows])
+    lines += _family("caplance_backend_state", "gauge", "1 for the state each backend is in, 0 for the others.",
+                     [({"backend": r["backend"], "state": s}, int(r["state"] == s)) for r in rows for s in STATES])
+    lines += _family("caplance_backend_healthy", "gauge", "1 while a backend passes its health checks.",
+                     [({"backend": r["backend"]}, int(r["health"] == "ok")) for r in rows])
     lines += _family("caplance_backend_weight", "gauge", "Effective weight (0: no new flows).",
                      [({"backend": r["backend"]}, r["effective_weight"]) for r in rows])
-    flows = snapshot.get("conntrack")
+    dataplane = status.get("dataplane") or {}
+    if "worker_restarts" in dataplane:
+        lines += _family("caplance_worker_restarts_total", "counter", "Data-plane worker processes restarted.",
+                         [({}, dataplane["worker_restarts"])])
+    flows = status.get("conntrack")
     if flows:
         lines += _family("caplance_conntrack_flows", "gauge", "Flows in the table.", [({}, flows["size"])])
         lines += _family("caplance_conntrack_hits_total", "counter", "Table hits.", [({}, flows["hits"])])
@@ -68,17 +87,15 @@ def render(snapshot: Mapping[str, Any], backends: Iterable[Mapping[str, Any]]) -
     return "\n".join(lines) + "\n"
 
 
-async def serve_metrics(balancer: Balancer, *,
+async def serve_metrics(source: StatusSource, endpoint: Endpoint, *,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``GET /metrics`` on ``balancer.config.metrics`` until cancelled."""
-    endpoint = balancer.config.metrics
-    assert endpoint is not None
+    """Serve ``GET /metrics`` on ``endpoint`` until cancelled."""
     listeners = await open_listeners(endpoint, "metrics")
     task_status.started()
-    await trio.serve_listeners(functools.partial(_answer, balancer), listeners)
+    await trio.serve_listeners(functools.partial(_answer, source), listeners)
 
 
-async def _answer(balancer: Balancer, stream: trio.SocketStream) -> None:
+async def _answer(source: StatusSource, stream: trio.SocketStream) -> None:
     async with stream:
         try:
             with trio.fail_after(_TIMEOUT):
@@ -89,7 +106,7 @@ async def _answer(balancer: Balancer, stream: trio.SocketStream) -> None:
                         return
                     request += chunk
                 if request.split(b" ", 2)[:2] == [b"GET", b"/metrics"]:
-                    body = render(balancer.stats.snapshot(), status_rows(balancer)["backends"]).encode()
+                    body = render(source.status()).encode()
                     head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
                 else:
                     body, head = b"not found\n", b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"

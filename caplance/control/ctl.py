@@ -8,26 +8,24 @@ control channel). Commands: ``status``, ``pause NAME``, ``resume NAME``,
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
 import socket
 import stat
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
 from caplance import control_codec as codec
-from caplance.control import FramedStream, session_error
+from caplance.control.membership import Membership, MembershipError, State
 from caplance.errors import CaplanceError
-from caplance.membership import MembershipError, State
+from caplance.framed import FramedStream, session_error
 from caplance.netops import NetOps
 
-if TYPE_CHECKING:
-    from caplance.balancer import Balancer
-
-__all__ = ["serve_ctl", "send_command", "status_rows", "format_status", "COMMANDS"]
+__all__ = ["COMMANDS", "Operator", "format_status", "send_command", "serve_ctl"]
 
 log = logging.getLogger(__name__)
 
@@ -37,55 +35,48 @@ _TIMEOUT = 5.0
 CTL_MAX_FRAME = 16 * 1024 * 1024
 
 
-def status_rows(balancer: Balancer) -> dict[str, Any]:
-    """The ``status`` reply: one row per backend, plus the balancer's counters."""
-    now = trio.current_time()
-    rows = []
-    for member in balancer.membership.members():
-        rows.append({
-            "backend": member.name,
-            "vips": [str(v) for v in member.vips],
-            "state": member.state.value,
-            "weight": member.weight,
-            "effective_weight": member.effective_weight,
-            "health": "ok" if member.healthy else (
-                "agent reports failure" if not member.agent_healthy else "checks failing"),
-            "packets": balancer.stats.forwarded.get(member.name, 0),
-            "bytes": balancer.stats.forwarded_bytes.get(member.name, 0),
-            "last_heartbeat": None if member.static or member.last_heartbeat is None
-            else round(now - member.last_heartbeat, 1),
-            "static": member.static,
-        })
-    return {"backends": rows, "counters": balancer.stats.snapshot(), "extra": balancer.status_extra()}
+class Operator(Protocol):
+    """What ``caplance ctl`` needs of the control plane."""
+
+    membership: Membership
+    #: control-plane event counters
+    counters: collections.Counter[str]
+
+    def status(self) -> dict[str, Any]:
+        """The ``status`` reply: ``backends`` (one row each), ``counters`` (the data planes'
+        merged), ``control``, ``conntrack`` and ``dataplane``."""
+        ...
+
+    def set_state(self, name: str, state: State, reason: str, *, drain_timeout: float | None = None,
+                  by_operator: bool = False) -> None: ...
 
 
-def _execute(balancer: Balancer, command: str, args: list[Any]) -> Any:
+def _execute(operator: Operator, command: str, args: list[Any]) -> Any:
     if command == "status":
-        return status_rows(balancer)
+        return operator.status()
     if command not in COMMANDS or not args or not isinstance(args[0], str):
         raise CaplanceError(f"usage: {command} NAME")
     name = args[0]
-    if balancer.membership.get(name).state is State.REGISTERING:
+    if operator.membership.get(name).state is State.REGISTERING:
         raise CaplanceError(f"{name} is still registering (its data path is not proven yet)")
     if command == "pause":
-        balancer.set_state(name, State.PAUSED, "paused by operator")
+        operator.set_state(name, State.PAUSED, "paused by operator")
     elif command == "resume":
-        balancer.set_state(name, State.ACTIVE, "resumed by operator")
+        operator.set_state(name, State.ACTIVE, "resumed by operator")
     elif command == "drain":
         timeout = float(args[1]) if len(args) > 1 else None
         if timeout is not None and not 0 <= timeout <= 86400:
             raise CaplanceError(f"drain timeout must be 0 to 86400 seconds, got {args[1]!r}")
-        balancer.set_state(name, State.DRAINING, "drained by operator", drain_timeout=timeout,
+        operator.set_state(name, State.DRAINING, "drained by operator", drain_timeout=timeout,
                            by_operator=True)
     else:
-        balancer.set_state(name, State.GONE, "deregistered by operator", by_operator=True)
-    return f"{name}: {balancer.membership.get(name).state.value}"
+        operator.set_state(name, State.GONE, "deregistered by operator", by_operator=True)
+    return f"{name}: {operator.membership.get(name).state.value}"
 
 
-async def serve_ctl(balancer: Balancer, netops: NetOps, *,
+async def serve_ctl(operator: Operator, path: str, netops: NetOps, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``caplance ctl`` on the configured unix socket until cancelled."""
-    path = balancer.config.control_socket
+    """Serve ``caplance ctl`` on the unix socket ``path`` until cancelled."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o700, exist_ok=True)
     _remove_stale(path)
@@ -103,7 +94,7 @@ async def serve_ctl(balancer: Balancer, netops: NetOps, *,
     sock.listen(16)
     listener = trio.SocketListener(sock)
     task_status.started()
-    await trio.serve_listeners(functools.partial(_ctl_session, balancer), [listener])
+    await trio.serve_listeners(functools.partial(_ctl_session, operator), [listener])
 
 
 def _remove_stale(path: str) -> None:
@@ -132,21 +123,21 @@ def _remove(path: str) -> None:
         pass
 
 
-async def _ctl_session(balancer: Balancer, stream: trio.SocketStream) -> None:
+async def _ctl_session(operator: Operator, stream: trio.SocketStream) -> None:
     framed = FramedStream(stream, CTL_MAX_FRAME)
     async with stream:
         try:
             with trio.fail_after(_TIMEOUT):
                 msg = await framed.expect("command")
                 try:
-                    result = _execute(balancer, msg["command"], msg["args"])
+                    result = _execute(operator, msg["command"], msg["args"])
                     reply = codec.message("reply", ok=True, result=result)
                 except (CaplanceError, MembershipError, ValueError) as exc:
                     reply = codec.message("reply", ok=False, result=str(exc))
                 await framed.send(reply)
         except BaseException as raised:
             error = session_error(raised)
-            balancer.stats.control["ctl_errors"] += 1
+            operator.counters["ctl_errors"] += 1
             log.warning("ctl connection failed", extra={"error": repr(error)})
 
 
@@ -171,23 +162,22 @@ async def send_command(path: str, command: str, args: list[Any]) -> Any:
 
 
 def format_status(result: dict[str, Any]) -> str:
-    """The ``status`` table."""
-    header = ("backend", "state", "weight", "health", "packets", "bytes", "heartbeat")
+    """The ``status`` table, then the counters: each appears once."""
+    header = ("backend", "address", "state", "weight", "health", "packets", "bytes", "heartbeat")
     lines = [header]
     for row in result["backends"]:
         beat = "static" if row["static"] else (
             "-" if row["last_heartbeat"] is None else f"{row['last_heartbeat']}s ago")
         weight = f"{row['effective_weight']}/{row['weight']}"
-        lines.append((row["backend"], row["state"], weight, row["health"], str(row["packets"]),
-                      str(row["bytes"]), beat))
+        lines.append((row["backend"], row["address"], row["state"], weight, row["health"],
+                      str(row["packets"]), str(row["bytes"]), beat))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
     counters = result["counters"]
     out.append("")
-    out.append(f"packets in: {counters['packets_in']}  dropped: {counters['dropped'] or 0}")
-    if counters.get("control"):
-        out.append(f"control: {counters['control']}")
-    for name, value in (result.get("extra") or {}).items():
-        out.append(f"{name}: {value}")
+    out.append(f"packets in: {counters.get('packets_in', 0)}  dropped: {counters.get('dropped') or 0}")
+    for name in ("control", "conntrack", "dataplane"):
+        if result.get(name):
+            out.append(f"{name}: {result[name]}")
     out.append(f"as of {time.strftime('%Y-%m-%d %H:%M:%S')}")
     return "\n".join(out)
