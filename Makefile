@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
-DEBIAN_PACKAGES := iproute2 nftables iptables ethtool procps kmod gcc python3-dev python3-venv
+DEBIAN_PACKAGES := iproute2 nftables iptables ethtool procps kmod gcc python3-dev python3-venv libnetfilter-queue-dev
 
 .PHONY: demo test setup debian-packages lint clean
 
@@ -20,6 +20,7 @@ setup: debian-packages $(STAMP)
 debian-packages:
 	@if ! command -v ip >/dev/null || ! command -v nft >/dev/null || ! command -v iptables >/dev/null \
 	    || ! command -v ethtool >/dev/null || ! command -v gcc >/dev/null \
+	    || ! test -e /usr/include/libnetfilter_queue/libnetfilter_queue.h \
 	    || ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then \
 	  echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES); \
@@ -28,7 +29,7 @@ debian-packages:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test,bench,dev,docs]'
+	$(VENV)/bin/pip install -q -e '.[test,bench,dev,docs,nfqueue]'
 	touch $(STAMP)
 
 lint: setup

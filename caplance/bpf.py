@@ -32,7 +32,9 @@ _LDX_MEM = 0x61
 _XOR_X = 0xAC
 _RSH_K = 0x74
 _MOD_K = 0x94
+_MUL_K = 0x24
 _TAX = 0x07
+_GOLDEN = 0x9E3779B1  # Knuth's multiplicative hash: every input bit reaches the top half
 
 _SKF_NET_OFF = -0x100000
 _SKF_AD_OFF = -0x1000
@@ -51,10 +53,12 @@ def vip_filter(vips: Sequence[IPAddress], *, link_level: bool, share: Share | No
     own outgoing packets; without it (IPv4 raw sockets) only IPv4 VIPs are allowed.
 
     ``share = (worker, workers, ports)`` (raw IPv4 sockets only) keeps one worker's share:
-    packets whose ``source address ^ (source port << 16 | destination port)`` (the ports only
-    with ``ports`` and when the packet is not a fragment), folded to 16 bits, is ``worker``
-    modulo ``workers``. Every packet of a flow has the same value, so each flow goes to one
-    worker. Raises ``ValueError`` on an empty VIP list, IPv6 VIPs without ``link_level``, a
+    packets for which ``((source address ^ (source port << 16 | destination port)) *
+    0x9E3779B1 mod 2**32) >> 24`` (the ports only with ``ports`` and when the packet is not a
+    fragment) is ``worker`` modulo ``workers``: the top byte of a multiplicative hash depends
+    on every input bit, so flows spread even when, say, every source port is odd (Linux gives
+    odd ports to ``bind`` and even ones to ``connect``). Every packet of a flow has the same value, so
+    each flow goes to one worker. Raises ``ValueError`` on an empty VIP list, IPv6 VIPs without ``link_level``, a
     share with ``link_level``, or too many VIPs.
     """
     if not vips:
@@ -106,8 +110,7 @@ def _share(worker: int, workers: int, ports: bool) -> list[tuple[int, str | None
     if not 0 <= worker < workers:
         raise ValueError(f"worker {worker} of {workers}")
     fold_and_pick: list[tuple[int, str | None, str | None, int] | str] = [
-        (_TAX, None, None, 0), (_RSH_K, None, None, 16), (_XOR_X, None, None, 0),
-        (_MOD_K, None, None, workers),
+        (_MUL_K, None, None, _GOLDEN), (_RSH_K, None, None, 24), (_MOD_K, None, None, workers),
     ]
     code: list[tuple[int, str | None, str | None, int] | str] = []
     if ports:

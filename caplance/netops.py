@@ -254,15 +254,52 @@ class NetOps:
             )
 
     def _nft(self, script: str, what: str) -> None:
+        self._run(["nft", "-f", "-"], script, what, self.nft_table)
+
+    # -- iptables (for targets nftables lacks here, such as NFQUEUE) -----------------------
+
+    def add_iptables_chain(self, table: str, hook: str, rules: Iterable[str], *, ipv6: bool = False) -> None:
+        """Add a chain of our own with ``rules`` to iptables ``table`` and jump to it from
+        the built-in chain ``hook`` (``PREROUTING``, say), atomically (``iptables-restore
+        --noflush``). Undo removes the jump and the chain. For targets this kernel's nftables
+        has no expression for (``queue`` needs ``nft_queue``; ``iptables-nft``'s NFQUEUE works
+        through the xtables compatibility layer)."""
+        command = "ip6tables" if ipv6 else "iptables"
+        chain = self.nft_table.upper()[:28]
+        if shutil.which(f"{command}-restore") is None:
+            raise NetOpsError(f"add {command} rules", chain, f"the {command}-restore command is not installed",
+                              "install Debian's iptables package")
+        family = "ip6" if ipv6 else "ip"
+        had_table = shutil.which("nft") is not None and subprocess.run(
+            ["nft", "list", "table", family, table], capture_output=True, timeout=_NFT_TIMEOUT,
+            check=False).returncode == 0
+        lines = [f"*{table}", f":{chain} - [0:0]", f"-A {hook} -j {chain}"]
+        lines += [f"-A {chain} {rule}" for rule in rules]
+        lines.append("COMMIT")
+        self._run([f"{command}-restore", "--noflush"], "\n".join(lines) + "\n", f"add {command} chain", chain)
+
+        def remove() -> None:
+            self._run([command, "-t", table, "-D", hook, "-j", chain], None, f"remove {command} jump", chain)
+            self._run([command, "-t", table, "-F", chain], None, f"flush {command} chain", chain)
+            self._run([command, "-t", table, "-X", chain], None, f"delete {command} chain", chain)
+            if had_table:
+                return
+            left = subprocess.run([command, "-t", table, "-S"], capture_output=True, text=True,
+                                  timeout=_NFT_TIMEOUT, check=False).stdout.split("\n")
+            if all(not line or line.startswith("-P ") for line in left):  # iptables made it for us
+                self._nft(f"delete table {family} {table}\n", f"delete the {table} table iptables made")
+
+        self.push_undo(f"delete {command} chain {table}/{chain}", remove)
+
+    @staticmethod
+    def _run(argv: list[str], script: str | None, what: str, target: str) -> None:
         try:
-            done = subprocess.run(
-                ["nft", "-f", "-"], input=script, capture_output=True, text=True,
-                timeout=_NFT_TIMEOUT, check=False,
-            )
+            done = subprocess.run(argv, input=script, capture_output=True, text=True,
+                                  timeout=_NFT_TIMEOUT, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise NetOpsError(what, self.nft_table, str(exc)) from exc
+            raise NetOpsError(what, target, str(exc)) from exc
         if done.returncode != 0:
-            raise NetOpsError(what, self.nft_table, done.stderr.strip() or f"nft exit {done.returncode}")
+            raise NetOpsError(what, target, done.stderr.strip() or f"{argv[0]} exit {done.returncode}")
 
     # -- TUN devices ---------------------------------------------------------------------
 

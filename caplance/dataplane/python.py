@@ -32,7 +32,7 @@ from caplance.conntrack import FlowTable
 from caplance.dataplane.stats import DataPlaneStats
 from caplance.errors import CaplanceError, MalformedPacket
 from caplance.forwarding import BackendEntry, ForwardingTable, LookupTable, VipFlags
-from caplance.interfaces import Listener, PacketSender, Transport
+from caplance.interfaces import Listener, PacketSender, PacketSource, Transport
 from caplance.netops import largest_link_mtu
 from caplance.packet import (
     IPPROTO_TCP,
@@ -115,6 +115,7 @@ class PythonDataPlane:
         self._transports: dict[tuple[str, tuple[tuple[str, Any], ...]], Transport] = {}
         self._overrides = dict(transports or {})
         self._icmp_sockets: dict[int, socket.socket] = {}
+        self._sources: list[PacketSource] = []
         #: no packet from a link can be longer than this; longer ones are aggregates
         self._wire_mtu = 65535
         self._icmp_tokens = float(ICMP_BURST)
@@ -163,6 +164,9 @@ class PythonDataPlane:
 
     def stats(self) -> dict[str, Any]:
         snapshot = self.counters.snapshot()
+        for source in self._sources:  # drops a listener's sources count themselves
+            for reason, count in getattr(source, "dropped", {}).items():
+                snapshot["dropped"][reason] = snapshot["dropped"].get(reason, 0) + count
         snapshot["conntrack"] = self.flows.snapshot() if self.flows is not None else None
         return snapshot
 
@@ -173,7 +177,7 @@ class PythonDataPlane:
         on the way out. Raises the first sender error of the table it started with."""
         if self._sender_errors:
             raise next(iter(self._sender_errors.values()))
-        sources = list(self.listener.open(self.worker, self.workers))
+        sources = self._sources = list(self.listener.open(self.worker, self.workers))
         try:
             self._open_icmp_sockets()
             self._wire_mtu = largest_link_mtu(exclude={"lo", getattr(self.listener, "device", "lo")})

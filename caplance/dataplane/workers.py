@@ -89,8 +89,12 @@ class WorkerPool:
 
     def stats(self) -> dict[str, Any]:
         total = merge([part for worker in self._workers for part in (worker.retired, worker.stats)])
-        total["dataplane"] = {"workers": len(self._workers), "workers_up": sum(w.up for w in self._workers),
-                              "worker_restarts": self.restarts}
+        total["dataplane"] = {
+            "workers": len(self._workers), "workers_up": sum(w.up for w in self._workers),
+            "worker_restarts": self.restarts, "worker_pids": self.pids,
+            "worker_packets_in": [w.retired.get("packets_in", 0) + w.stats.get("packets_in", 0)
+                                  for w in self._workers],
+        }
         return total
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -41,9 +41,9 @@ async def _serve(serve: Any) -> None:
 
 
 async def _fetch(host: str, count: int, port: int, concurrency: int, timeout: float,
-                 rate: float | None, body: int) -> None:
+                 rate: float | None, body: int, sources: list[str]) -> None:
     result = await fetch_many(host, count=count, port=port, concurrency=concurrency,
-                              timeout=timeout, rate=rate, body=body)
+                              timeout=timeout, rate=rate, body=body, sources=sources)
     print(json.dumps({"attempts": [attrs.asdict(a) for a in result.attempts],
                       "served": result.served, "failures": result.failures}), flush=True)
 
@@ -62,6 +62,7 @@ def main() -> int:
     fetch.add_argument("--timeout", type=float, default=5.0)
     fetch.add_argument("--rate", type=float, help="start at most this many requests per second")
     fetch.add_argument("--body", type=int, default=0, help="POST this many bytes instead of a GET")
+    fetch.add_argument("--sources", default="", help="comma-separated source addresses, used in turn")
     echo = commands.add_parser("echo")
     echo.add_argument("--name", required=True)
     echo.add_argument("--port", type=int, default=8080)
@@ -96,7 +97,8 @@ def main() -> int:
                                              port=args.port))
         print(json.dumps(answers), flush=True)
     else:
-        trio.run(_fetch, args.host, args.count, args.port, args.concurrency, args.timeout, args.rate, args.body)
+        trio.run(_fetch, args.host, args.count, args.port, args.concurrency, args.timeout, args.rate, args.body,
+                 [source for source in args.sources.split(",") if source])
     return 0
 
 

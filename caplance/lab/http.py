@@ -59,11 +59,13 @@ async def serve_name(name: str, *, port: int = 80,
 
 @attrs.frozen
 class Attempt:
-    """One request: the client's source port, who answered (None on failure), the error."""
+    """One request: the client's source port, who answered (None on failure), the error, and
+    the source address when the request picked one."""
 
     source_port: int
     served_by: str | None
     error: str | None = None
+    source: str | None = None
 
 
 @attrs.frozen
@@ -79,21 +81,22 @@ class FetchResult:
         return [f"port {a.source_port}: {a.error}" for a in self.attempts if a.served_by is None]
 
 
-async def _bound_socket(host: str, kind: int, port: int = 0) -> trio.socket.SocketType:
-    """A socket for talking to ``host``, bound to ``port`` (0: an ephemeral one) first, so
-    its source port is known even if the connection never opens."""
+async def _bound_socket(host: str, kind: int, port: int = 0, address: str | None = None) -> trio.socket.SocketType:
+    """A socket for talking to ``host``, bound to ``port`` (0: an ephemeral one) and
+    ``address`` (None: any) first, so its source port is known even if the connection never
+    opens."""
     family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
     sock = trio.socket.socket(family, kind)
     try:
-        await sock.bind(("::" if family == trio.socket.AF_INET6 else "0.0.0.0", port))
+        await sock.bind((address or ("::" if family == trio.socket.AF_INET6 else "0.0.0.0"), port))
     except OSError:
         sock.close()
         raise
     return sock
 
 
-async def _fetch_once(host: str, port: int, timeout: float, body: int = 0) -> Attempt:
-    sock = await _bound_socket(host, trio.socket.SOCK_STREAM)
+async def _fetch_once(host: str, port: int, timeout: float, body: int = 0, source: str | None = None) -> Attempt:
+    sock = await _bound_socket(host, trio.socket.SOCK_STREAM, address=source)
     source_port = sock.getsockname()[1]
     try:
         with trio.fail_after(timeout):
@@ -109,31 +112,32 @@ async def _fetch_once(host: str, port: int, timeout: float, body: int = 0) -> At
                 while chunk := await stream.receive_some(4096):
                     reply += chunk
     except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-        return Attempt(source_port, None, repr(exc))
+        return Attempt(source_port, None, repr(exc), source)
     finally:
         sock.close()
     head, _, answer = reply.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.0 200"):
-        return Attempt(source_port, None, f"unexpected reply {head[:40]!r}")
-    return Attempt(source_port, answer.decode(errors="replace"))
+        return Attempt(source_port, None, f"unexpected reply {head[:40]!r}", source)
+    return Attempt(source_port, answer.decode(errors="replace"), None, source)
 
 
 async def fetch_many(host: str, *, count: int, port: int = 80, concurrency: int = 16,
-                     timeout: float = 5.0, rate: float | None = None, body: int = 0) -> FetchResult:
+                     timeout: float = 5.0, rate: float | None = None, body: int = 0,
+                     sources: Sequence[str] = ()) -> FetchResult:
     """Make ``count`` HTTP requests to ``host``, each on a new TCP connection (so each from a
     new ephemeral source port), ``concurrency`` at a time, starting at most ``rate`` per
-    second if given; with ``body`` bytes, as POSTs. Never raises for a failed request: each
-    becomes an :class:`Attempt`."""
+    second if given; with ``body`` bytes, as POSTs; from the ``sources`` addresses in turn,
+    if given. Never raises for a failed request: each becomes an :class:`Attempt`."""
     attempts: list[Attempt] = []
     limit = trio.CapacityLimiter(concurrency)
 
-    async def one() -> None:
+    async def one(source: str | None) -> None:
         async with limit:
-            attempts.append(await _fetch_once(host, port, timeout, body))
+            attempts.append(await _fetch_once(host, port, timeout, body, source))
 
     async with trio.open_nursery() as nursery:
-        for _ in range(count):
-            nursery.start_soon(one)
+        for number in range(count):
+            nursery.start_soon(one, sources[number % len(sources)] if sources else None)
             if rate:
                 await trio.sleep(1 / rate)
     return FetchResult(attempts)

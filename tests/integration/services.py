@@ -26,6 +26,8 @@ def balancer_config(lab: Lab, *, listener: str = "tun", vips: Iterable[ipaddress
     listener_table: dict[str, Any] = {"kind": listener}
     if listener == "packet":
         listener_table["interface"] = "eth0"
+    if listener == "nfqueue":
+        listener_table["options"] = {"queue": 5}
     return {
         "listener": listener_table,
         "control_socket": str(lab.workdir / "balancer.sock"),
@@ -57,17 +59,23 @@ def start_backend(lab: Lab, name: str, **agent: Any) -> tuple[subprocess.Popen[b
             lab.start(name, *LAB, "http", "--name", name))
 
 
-def fetch(lab: Lab, count: int, *, host: str = str(VIP4), timeout: float = 5, body: int = 0) -> dict[str, Any]:
+def fetch(lab: Lab, count: int, *, host: str = str(VIP4), timeout: float = 5, body: int = 0,
+          sources: Iterable[str] = ()) -> dict[str, Any]:
     done = lab.run("client", *LAB, "fetch", "--host", host, "--count", str(count),
-                   "--timeout", str(timeout), "--body", str(body))
+                   "--timeout", str(timeout), "--body", str(body), "--sources", ",".join(sources))
     result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
     return result
 
 
-def expected_backend(lab: Lab, backends: Iterable[str], source_port: int, *, vip: Any = VIP4) -> str | None:
-    """Which backend Maglev picks for the client's connection from ``source_port``."""
-    client = lab.hosts["client"].ipv4 if vip.version == 4 else lab.hosts["client"].ipv6
-    key = Flow(client, vip, 6, source_port, 80).key()
+def expected_backend(lab: Lab, backends: Iterable[str], source_port: int, *, vip: Any = VIP4,
+                     client: str | None = None) -> str | None:
+    """Which backend Maglev picks for the client's connection from ``source_port`` (and
+    ``client``, when it used another address than its own)."""
+    if client is not None:
+        address: Any = ipaddress.ip_address(client)
+    else:
+        address = lab.hosts["client"].ipv4 if vip.version == 4 else lab.hosts["client"].ipv6
+    key = Flow(address, vip, 6, source_port, 80).key()
     return Maglev.build({name: 1 for name in backends}).select(key)
 
 

@@ -33,7 +33,10 @@ def start_all(lab: Lab, listener: str, vips: tuple = (VIP4,)) -> list[subprocess
     return processes
 
 
-@pytest.mark.parametrize("listener", ["tun", "raw", "packet"])
+LISTENERS = ["tun", "raw", "packet", "nfqueue"]
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
 def test_http_through_the_vip_reaches_the_backend_maglev_picks(lab: Lab, listener: str) -> None:
     start_all(lab, listener)
     result = fetch(lab, 150)
@@ -43,7 +46,7 @@ def test_http_through_the_vip_reaches_the_backend_maglev_picks(lab: Lab, listene
         assert attempt["served_by"] == expected_backend(lab, BACKENDS, attempt["source_port"])
 
 
-@pytest.mark.parametrize("listener", ["tun", "raw", "packet"])
+@pytest.mark.parametrize("listener", LISTENERS)
 def test_large_uploads_pass_every_listener(lab: Lab, listener: str) -> None:
     """200 KB POSTs: the client's TSO hands raw and packet sockets 64 KB aggregates with
     partial checksums, which must reach the backends as valid segments."""
@@ -53,7 +56,7 @@ def test_large_uploads_pass_every_listener(lab: Lab, listener: str) -> None:
     assert sum(result["served"].values()) == 8
 
 
-@pytest.mark.parametrize("listener", ["tun", "packet"])
+@pytest.mark.parametrize("listener", ["tun", "packet", "nfqueue"])
 def test_ipv6_vip(lab: Lab, listener: str) -> None:
     start_all(lab, listener, vips=(VIP4, VIP6))
     result = fetch(lab, 60, host=str(VIP6))
@@ -108,16 +111,36 @@ def test_a_stopped_backend_loses_only_its_own_flows(lab: Lab) -> None:
         assert attempt["served_by"] != "be2"
 
 
-@pytest.mark.parametrize("listener", ["tun", "raw", "packet"])
+def iptables_listing(lab: Lab, role: str) -> str:
+    return lab.run(role, "iptables-save").stdout + lab.run(role, "ip6tables-save").stdout
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
 def test_stop_leaves_nothing_behind(lab: Lab, listener: str) -> None:
-    before = {role: lab.listing(role) for role in ("lb", *BACKENDS)}
+    before = {role: lab.listing(role) + iptables_listing(lab, role) for role in ("lb", *BACKENDS)}
     processes = start_all(lab, listener, vips=(VIP4,) if listener == "raw" else (VIP4, VIP6))
-    assert lab.listing("lb") != before["lb"]  # the balancer did change things...
+    assert lab.listing("lb") + iptables_listing(lab, "lb") != before["lb"]  # the balancer did change things...
     assert fetch(lab, 30)["failures"] == []
     stats = [lab.stop(process) for process in reversed(processes)]
     assert stats[0]["packets_in"] > 0
     for role, listing in before.items():  # ...and put everything back
-        assert lab.listing(role) == listing, role
+        assert lab.listing(role) + iptables_listing(lab, role) == listing, role
+
+
+def test_nfqueue_bypass_keeps_traffic_flowing_when_the_balancer_is_gone(lab: Lab) -> None:
+    """A SIGKILLed balancer leaves its queue rule behind; with --queue-bypass packets then
+    follow the routing table -- here an operator's fallback route to be1 -- instead of
+    being dropped for want of a reader."""
+    processes = start_all(lab, "nfqueue")
+    assert set(fetch(lab, 60)["served"]) == set(BACKENDS)
+    lab.sysctl("lb", "net.ipv4.ip_forward", "1")
+    lab.run("lb", "ip", "route", "add", f"{VIP4}/32", "via", str(lab.hosts["be1"].ipv4))
+    balancer = processes[-1]
+    balancer.kill()
+    balancer.wait()
+    assert "NFQUEUE" in lab.run("lb", "iptables-save", "-t", "raw").stdout  # the rule is still there
+    after = fetch(lab, 30)
+    assert after["failures"] == [] and set(after["served"]) == {"be1"}
 
 
 def test_injection_through_tun_needs_loose_rp_filter(lab: Lab) -> None:
