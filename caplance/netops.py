@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import ipaddress
 import logging
 import os
 import secrets
@@ -255,6 +256,35 @@ class NetOps:
 
     def _nft(self, script: str, what: str) -> None:
         self._run(["nft", "-f", "-"], script, what, self.nft_table)
+
+    # -- GRE devices ---------------------------------------------------------------------
+
+    def create_gre(self, ifname: str, *, remote: IPAddress, local: IPAddress | None = None) -> None:
+        """Create and bring up kernel GRE device ``ifname`` to ``remote`` (from ``local``, by
+        default the source address of the route toward ``remote``); undo deletes it. Raises
+        :class:`NetOpsError`, naming the missing module on kernels without ``ip_gre``."""
+        kind = "gre" if remote.version == 4 else "ip6gre"
+        if local is None:
+            try:
+                routes = self.ipr.route("get", dst=str(remote))
+            except NetlinkError as exc:
+                raise NetOpsError("find a route toward", str(remote), str(exc), "add a route to the backend") from exc
+            source = routes[0].get_attr("RTA_PREFSRC") if routes else None
+            if not source:
+                raise NetOpsError("find a local address toward", str(remote), "no route with a source address")
+            local = ipaddress.ip_address(source)
+        try:
+            self.ipr.link("add", ifname=ifname, kind=kind, gre_local=str(local), gre_remote=str(remote), gre_ttl=64)
+        except NetlinkError as exc:
+            if exc.code in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOENT):
+                raise NetOpsError(
+                    "create GRE link", ifname,
+                    f"this kernel has no {'ip_gre' if kind == 'gre' else 'ip6_gre'} module ({exc})",
+                    "use transport 'gre-raw' or 'udp'") from exc
+            raise NetOpsError("create GRE link", ifname, str(exc)) from exc
+        self.push_undo(f"delete GRE link {ifname}",
+                       lambda: self._quiet_netlink(self.ipr.link, "del", ifname=ifname))
+        self.set_link(ifname, up=True)
 
     # -- iptables (for targets nftables lacks here, such as NFQUEUE) -----------------------
 

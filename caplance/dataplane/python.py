@@ -134,9 +134,11 @@ class PythonDataPlane:
             if sender is None:
                 try:
                     sender = self._senders[key] = self._transport(entry.transport).open_sender(entry.address)
-                except CaplanceError as exc:
-                    self._sender_errors[number] = exc
-                    log.error("cannot open sender", extra={"backend": entry.name, "error": str(exc)})
+                except Exception as exc:  # noqa: BLE001 - a transport plugin's failure costs one backend
+                    error = exc if isinstance(exc, CaplanceError) else CaplanceError(
+                        f"cannot open a {entry.transport.name} sender to {entry.name} ({entry.address}): {exc!r}")
+                    self._sender_errors[number] = error
+                    log.error("cannot open sender", extra={"backend": entry.name, "error": str(error)})
                     continue
             self._sender_errors.pop(number, None)
             targets[number] = (sender.send, entry.max_packet, entry.name)

@@ -19,8 +19,11 @@ import mmh3
 
 from caplance.forwarding import LookupTable
 
-__all__ = ["check_fill", "export_lookup", "is_prime", "permutation", "positive_int_option",
-           "reject_unknown_options", "sorted_backends"]
+__all__ = ["MAX_TABLE_SIZE", "check_fill", "check_table_size", "export_lookup", "is_prime", "permutation",
+           "positive_int_option", "reject_unknown_options", "sorted_backends"]
+
+#: the largest lookup table a selector builds (2**24 slots: 64 MiB of ids; bounded build time)
+MAX_TABLE_SIZE = 1 << 24
 
 
 def sorted_backends(backends: Mapping[str, int]) -> list[tuple[str, int]]:
@@ -65,6 +68,18 @@ def positive_int_option(selector: str, option: str, value: object) -> int:
         raise TypeError(f"{selector}: {option} must be an int, got {value!r}")
     if value < 1:
         raise ValueError(f"{selector}: {option} must be >= 1, got {value}")
+    return value
+
+
+def check_table_size(selector: str, value: object) -> int:
+    """``value`` if it is a prime from 2 to :data:`MAX_TABLE_SIZE`. Raises ``TypeError`` for
+    a non-int and ``ValueError`` otherwise, both naming ``selector``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{selector}: table_size must be an int, got {value!r}")
+    if not 2 <= value <= MAX_TABLE_SIZE:
+        raise ValueError(f"{selector}: table_size must be from 2 to {MAX_TABLE_SIZE}, got {value}")
+    if not is_prime(value):
+        raise ValueError(f"{selector}: table_size must be a prime, got {value}")
     return value
 
 

@@ -31,6 +31,7 @@ from caplance.flowhash import MAGLEV_SEED
 from caplance.forwarding import LookupTable
 from caplance.strategies import (
     check_fill,
+    check_table_size,
     export_lookup,
     is_prime,
     permutation,
@@ -164,10 +165,7 @@ class Maglev:
         table_size = options.pop("table_size", DEFAULT_TABLE_SIZE)
         reject_unknown_options("maglev", options)
         items = sorted_backends(backends)
-        if isinstance(table_size, bool) or not isinstance(table_size, int):
-            raise TypeError(f"maglev: table_size must be an int, got {table_size!r}")
-        if not is_prime(table_size):
-            raise ValueError(f"maglev: table_size must be a prime, got {table_size}")
+        table_size = check_table_size("maglev", table_size)
         if table_size < 100 * len(items):
             raise ValueError(
                 f"maglev: table_size {table_size} is below 100 x {len(items)} backends;"

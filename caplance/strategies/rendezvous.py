@@ -43,8 +43,8 @@ from caplance.flowhash import RENDEZVOUS_SEED
 from caplance.forwarding import LookupTable
 from caplance.strategies import (
     check_fill,
+    check_table_size,
     export_lookup,
-    is_prime,
     permutation,
     reject_unknown_options,
     sorted_backends,
@@ -217,10 +217,7 @@ class Rendezvous:
         table_size = options.pop("table_size", DEFAULT_TABLE_SIZE)
         reject_unknown_options("rendezvous", options)
         items = sorted_backends(backends)
-        if isinstance(table_size, bool) or not isinstance(table_size, int):
-            raise TypeError(f"rendezvous: table_size must be an int, got {table_size!r}")
-        if not is_prime(table_size):
-            raise ValueError(f"rendezvous: table_size must be a prime, got {table_size}")
+        table_size = check_table_size("rendezvous", table_size)
         active = [(name, weight) for name, weight in items if weight > 0]
         if not active:
             return cls([None] * table_size, dict(items))

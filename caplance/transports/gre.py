@@ -19,13 +19,10 @@ in the packet path).
 
 from __future__ import annotations
 
-import errno
+import ipaddress
 import secrets
 import socket
 from collections.abc import Callable
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from caplance.bpf import reject_all
 from caplance.encapsulation import OUTER_IP, gre_decapsulate, gre_encapsulate, strip_outer_ipv4
@@ -44,7 +41,6 @@ __all__ = ["GreRawTransport", "GreTransport", "GreReceiver", "kernel_gre_availab
 
 _IPPROTO_GRE = 47
 _ETH_P = {4: 0x0800, 6: 0x86DD}
-_NO_KERNEL_GRE = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOENT)
 
 
 class GreReceiver(SocketSource):
@@ -122,57 +118,26 @@ class GreRawTransport(_GreBase):
         return SocketSender(sock, lambda packet, key: gre_encapsulate(packet))
 
 
-def _local_address(ipr: IPRoute, backend: IPAddress) -> str:
-    routes = ipr.route("get", dst=str(backend))
-    source = routes[0].get_attr("RTA_PREFSRC") if routes else None
-    if not source:
-        raise NetOpsError("find a local address toward", str(backend), "no route with a source address")
-    return str(source)
-
-
 class KernelGreSender:
-    """A kernel GRE device to one backend and a packet socket that feeds it."""
+    """A kernel GRE device to one backend (made through a :class:`NetOps` of its own, so
+    :meth:`close` undoes it like any host change) and a packet socket that feeds it."""
 
     def __init__(self, backend: IPAddress) -> None:
         self.ifname = f"clgre{secrets.token_hex(4)}"
-        kind = "gre" if backend.version == 4 else "ip6gre"
-        self._ipr = IPRoute()
+        self._netops = NetOps()
         try:
-            local = _local_address(self._ipr, backend)
-        except NetOpsError:
-            self._ipr.close()
-            raise
-        try:
-            self._ipr.link("add", ifname=self.ifname, kind=kind, gre_local=local, gre_remote=str(backend),
-                           gre_ttl=64)
-        except NetlinkError as exc:
-            self._ipr.close()
-            if exc.code in _NO_KERNEL_GRE:
-                raise NetOpsError(
-                    "create GRE link", self.ifname,
-                    f"this kernel has no {'ip_gre' if kind == 'gre' else 'ip6_gre'} module ({exc})",
-                    "use transport 'gre-raw' or 'udp'",
-                ) from exc
-            raise NetOpsError("create GRE link", self.ifname, str(exc)) from exc
-        try:
-            index = self._ipr.link_lookup(ifname=self.ifname)[0]
-            self._ipr.link("set", index=index, state="up")
-            self._sock = open_socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0, what="GRE device packet socket")
+            self._netops.create_gre(self.ifname, remote=backend)
+            sock = open_socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0, what="GRE device packet socket")
+            self._netops.push_undo(f"close the packet socket of {self.ifname}", sock.close)
         except Exception:
             self.close()
             raise
-        sendto = self._sock.sendto
+        sendto = sock.sendto
         targets = {4: (self.ifname, _ETH_P[4]), 6: (self.ifname, _ETH_P[6])}
         self.send: Callable[[bytes, bytes], object] = lambda packet, key: sendto(packet, targets[packet[0] >> 4])
 
     def close(self) -> None:
-        if getattr(self, "_sock", None) is not None:
-            self._sock.close()
-        try:
-            self._ipr.link("del", ifname=self.ifname)
-        except NetlinkError:
-            pass
-        self._ipr.close()
+        self._netops.undo_all()
 
 
 class GreTransport(_GreBase):
@@ -187,12 +152,12 @@ class GreTransport(_GreBase):
 def kernel_gre_available() -> tuple[bool, str]:
     """Whether this kernel can create GRE devices, and why not: tries one in the current
     network namespace and removes it again."""
-    name = f"clprobe{secrets.token_hex(3)}"
-    with IPRoute() as ipr:
-        try:
-            ipr.link("add", ifname=name, kind="gre", gre_remote="192.0.2.1", gre_local="192.0.2.2")
-        except NetlinkError as exc:
-            return False, f"this kernel cannot create GRE devices (no ip_gre module: {exc})"
-        ipr.link("del", ifname=name)
+    netops = NetOps()
+    try:
+        netops.create_gre(f"clprobe{secrets.token_hex(3)}", remote=ipaddress.ip_address("192.0.2.1"),
+                          local=ipaddress.ip_address("192.0.2.2"))
+    except NetOpsError as exc:
+        return False, f"this kernel cannot create GRE devices ({exc})"
+    finally:
+        netops.undo_all()
     return True, ""
-

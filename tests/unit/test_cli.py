@@ -296,3 +296,42 @@ async def test_a_balancer_from_the_file_forwards_by_the_example_plugin(
     assert set(chosen) == {"be1", "be2", "be3"}
     assert balancer.snapshot()["forwarded"] == {name: chosen.count(name) for name in ("be1", "be2", "be3")}
 
+
+
+# -- no configuration makes the CLI crash -----------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from tests.configs import any_balancer_configs  # noqa: E402
+
+
+@settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=any_balancer_configs)
+def test_config_check_of_any_config_exits_0_or_2_without_a_traceback(tmp_path: Path, data: dict[str, Any],
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from caplance.cli import main
+
+    path = write(tmp_path, data)
+    code = main(["config", "check", str(path)])  # an exception escaping main fails the test
+    out, err = capsys.readouterr()
+    assert code in (0, 2), err
+    assert "Traceback" not in err
+    if code == 0:
+        assert out == f"{path}: valid balancer configuration\n"
+    else:
+        assert err.startswith(f"caplance: invalid configuration {path}:")
+
+
+def test_packet_without_an_interface_fails_the_check(tmp_path: Path) -> None:
+    path = write(tmp_path, {**BALANCER, "listener": {"kind": "packet"}})
+    done = caplance("config", "check", path)
+    assert_invalid(done, path, ["@ $.listener: listener 'packet' needs an interface: the Ethernet interface"
+                                " clients' packets arrive on (interface = \"eth0\", say)"])
+
+
+def test_an_unknown_listener_fails_the_check(tmp_path: Path) -> None:
+    path = write(tmp_path, {**BALANCER, "listener": {"kind": "carrier-pigeon"}})
+    done = caplance("config", "check", path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert problem_lines(done)[0].startswith("@ $.listener: caplance.listeners plugin 'carrier-pigeon':"
+                                             " not registered (available: nfqueue, packet, raw, tun")

@@ -25,12 +25,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from caplance import plugins
+from caplance.config import MAX_WEIGHT
 from caplance.errors import PluginError
 from caplance.strategies import is_prime, sorted_backends
 from caplance.strategies import ring as ring_module
 from caplance.strategies.maglev import Maglev
 from caplance.strategies.rendezvous import Rendezvous, populate, row_score
-from caplance.strategies.ring import Ring
+from caplance.strategies.ring import MAX_POINTS, Ring, point_counts
 from caplance.testing import SelectorConformanceError, check_selector, flow_keys
 
 from .test_layout import FORBIDDEN, closure
@@ -412,3 +413,44 @@ def test_rendezvous_refuses_bad_options(options: dict[str, object], error: type[
                                         match: str) -> None:
     with pytest.raises(error, match=f"rendezvous.*{match}"):
         Rendezvous.build({"a": 1}, **options)
+
+
+# -- any allowed weights build in bounded work and memory ------------------------------------
+
+SKEWED = {**{f"backend-{i:04d}": 1 for i in range(1000)}, "backend-0000": MAX_WEIGHT}
+
+
+@pytest.mark.parametrize(("name", "options"), [("maglev", {"table_size": 100003}), ("rendezvous", {}),
+                                               ("ring", {})])
+def test_a_thousand_backends_with_extreme_weights_build_in_bounded_memory(name: str, options: dict) -> None:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        selector = plugins.build_selector(name, SKEWED, options)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 150 * 2**20, f"{name} peaked at {peak / 2**20:.0f} MiB"
+    shares = Counter(map(selector.select, flow_keys(20_000, seed=5)))
+    heavy = shares["backend-0000"] / 20_000
+    expected = MAX_WEIGHT / (MAX_WEIGHT + 999)
+    assert abs(heavy - expected) < 0.02, (name, heavy, expected)  # the weights still count
+
+
+def test_the_ring_places_at_most_max_points_whatever_the_weights() -> None:
+    ring = Ring.build(dict.fromkeys((f"b{i}" for i in range(1000)), MAX_WEIGHT))
+    assert len(ring) <= MAX_POINTS
+    assert sum(point_counts([MAX_WEIGHT] * 1000, 256)) <= MAX_POINTS
+    assert point_counts([1, 2, 0], 256) == [256, 512, 0]  # within the bound: exactly vnodes x weight
+    assert min(point_counts([1] + [MAX_WEIGHT] * 10, 256)) == 1  # every weighted backend keeps a point
+
+
+@settings(deadline=None, max_examples=15)
+@given(weights=st.lists(st.integers(0, MAX_WEIGHT), min_size=1, max_size=60))
+@pytest.mark.parametrize("name", ["maglev", "rendezvous", "ring"])
+def test_any_allowed_weights_build(name: str, weights: list[int]) -> None:
+    backends = {f"b{i}": weight for i, weight in enumerate(weights)}
+    selector = plugins.build_selector(name, backends, {"table_size": 10007} if name == "maglev" else {})
+    chosen = {selector.select(key) for key in flow_keys(200, seed=9)}
+    assert chosen <= {n for n, w in backends.items() if w > 0} | ({None} if not any(weights) else set())
