@@ -111,6 +111,7 @@ class PythonDataPlane:
         #: backend id -> (send, largest inner packet, name)
         self._targets: dict[int, tuple[Callable[[bytes, bytes], object], int, str]] = {}
         self._senders: dict[_SenderKey, PacketSender] = {}
+        self._keys: dict[int, _SenderKey] = {}  # backend id -> its sender's key
         self._sender_errors: dict[int, CaplanceError] = {}
         self._transports: dict[tuple[str, tuple[tuple[str, Any], ...]], Transport] = {}
         self._overrides = dict(transports or {})
@@ -127,8 +128,13 @@ class PythonDataPlane:
         """Forward by ``table`` from the next packet on."""
         targets: dict[int, tuple[Callable[[bytes, bytes], object], int, str]] = {}
         wanted: set[_SenderKey] = set()
+        previous = self.table.backends
         for number, entry in table.backends.items():
-            key = _sender_key(entry)
+            if previous.get(number) is entry and number in self._targets:  # unchanged: keep it as it is
+                targets[number] = self._targets[number]
+                wanted.add(self._keys[number])
+                continue
+            key = self._keys[number] = _sender_key(entry)
             wanted.add(key)
             sender = self._senders.get(key)
             if sender is None:
@@ -142,6 +148,8 @@ class PythonDataPlane:
                     continue
             self._sender_errors.pop(number, None)
             targets[number] = (sender.send, entry.max_packet, entry.name)
+        for number in [n for n in self._keys if n not in table.backends]:
+            del self._keys[number]
         vips = {}
         for address, vip in table.vips.items():
             choice = vip.choice
