@@ -1,6 +1,6 @@
 """How fast does Caplance forward, next to the kernel routing the same load? (root, Linux)
 
-    python bench/forward.py [--seconds 5] [--payload 18] [--listener tun] [--conntrack]
+    python bench/forward.py [--seconds 5] [--payload 18] [--listener tun] [--conntrack] [--workers 1,2]
 
 One lab of network namespaces, one UDP load (a C sendmmsg generator in the client namespace,
 many source ports, small packets), offered twice in the same run:
@@ -12,6 +12,9 @@ many source ports, small packets), offered twice in the same run:
 * ``conntrack`` (with ``--conntrack``) -- the same with the flow table on; the bench then
   prints its rate relative to ``caplance`` (the bound: it may cost at most 15%) and the flow
   table's memory per entry (``tracemalloc``, 200,000 flows).
+* ``workers=N`` (with ``--workers 1,2,...``) -- the same with ``workers = N`` data-plane
+  processes (in place of the ``caplance`` row); CPU per packet counts the balancer and all its
+  worker processes. The bench prints each count's rate relative to ``workers=1``.
 
 Printed per row: packets offered per second (what the generator got out), packets per second
 delivered to the backends (their eth0 receive counters), and for Caplance its CPU time per
@@ -71,8 +74,24 @@ def rx_packets(lab: Lab) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system time of ``pid`` and every living descendant (worker processes)."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += times.get(current, 0.0)
+        todo += children.get(current, [])
+    return total
 
 
 def offer(lab: Lab, generator: Path, seconds: float, payload: int, ports: int) -> tuple[float, float]:
@@ -101,7 +120,7 @@ def kernel_row(lab: Lab, generator: Path, args: argparse.Namespace) -> tuple[flo
 
 
 def caplance_row(lab: Lab, generator: Path, args: argparse.Namespace, *,
-                 conntrack: bool) -> tuple[float, float, float, dict]:
+                 conntrack: bool, workers: int = 1) -> tuple[float, float, float, dict]:
     listener = {"kind": args.listener}
     if args.listener == "packet":
         listener["interface"] = "eth0"
@@ -113,9 +132,11 @@ def caplance_row(lab: Lab, generator: Path, args: argparse.Namespace, *,
             {"name": host.role, "address": str(host.ipv4)} for host in lab.backends]}],
     }
     config["conntrack"] = {"enabled": conntrack}
+    config["workers"] = workers
     path = lab.write_config("bench-balancer", config)
     balancer = lab.start("lb", sys.executable, "-m", "caplance.cli", "--log-level", "warning",
                          "balancer", "--print-stats", "--config", path)
+    time.sleep(0.5)  # worker processes settle
     cpu_before = cpu_seconds(balancer.pid)
     offered, delivered = offer(lab, generator, args.seconds, args.payload, args.ports)
     cpu = cpu_seconds(balancer.pid) - cpu_before
@@ -132,7 +153,9 @@ def main() -> int:
     parser.add_argument("--listener", default="tun", choices=["tun", "raw", "packet"])
     parser.add_argument("--conntrack", action="store_true", help="also measure with connection tracking on")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are printed)")
+    parser.add_argument("--workers", default="", help="comma-separated worker counts to measure (say 1,2)")
     args = parser.parse_args()
+    counts = [int(n) for n in args.workers.split(",") if n]
     if os.geteuid() != 0 or not shutil.which("gcc"):
         print("bench/forward.py needs root and gcc", file=sys.stderr)
         return 2
@@ -146,7 +169,11 @@ def main() -> int:
         for _ in range(args.rounds):  # interleaved, so drift on a noisy machine hits every row
             offered, delivered = kernel_row(lab, generator, args)
             row = {"kernel": (offered, delivered, float("nan"), {})}
-            row["caplance"] = caplance_row(lab, generator, args, conntrack=False)
+            if counts:
+                for count in counts:
+                    row[f"workers={count}"] = caplance_row(lab, generator, args, conntrack=False, workers=count)
+            else:
+                row["caplance"] = caplance_row(lab, generator, args, conntrack=False)
             if args.conntrack:
                 row["conntrack"] = caplance_row(lab, generator, args, conntrack=True)
             rounds.append(row)
@@ -158,8 +185,15 @@ def main() -> int:
     for name in names:
         offered, delivered, cpu = median[name]
         print(f"{name:10} {offered:12.0f} {delivered:14.0f} {cpu * 1e6 if cpu == cpu else 0:11.2f}")
-    print(f"ratio caplance/kernel (delivered): {median['caplance'][1] / median['kernel'][1]:.3f}")
-    print(f"caplance drops (last round): {rounds[-1]['caplance'][3].get('dropped', {})}")
+    if args.conntrack and "caplance" not in median:
+        median["caplance"] = median[f"workers={counts[0]}"]
+    for name in names[1:]:
+        print(f"ratio {name}/kernel (delivered): {median[name][1] / median['kernel'][1]:.3f}")
+        print(f"{name} drops (last round): {rounds[-1][name][3].get('dropped', {})}")
+    if len(counts) > 1:
+        first = f"workers={counts[0]}"
+        for count in counts[1:]:
+            print(f"ratio workers={count}/{first} (delivered): {median[f'workers={count}'][1] / median[first][1]:.3f}")
     if args.conntrack:
         ratio = median["conntrack"][1] / median["caplance"][1]
         cpu_ratio = median["conntrack"][2] / median["caplance"][2]
