@@ -1,0 +1,43 @@
+"""What ``caplance ctl status`` prints and what ``/metrics`` renders, from one status value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from caplance.control.ctl import format_status
+from caplance.control.metrics import render
+
+
+def status(**backend: Any) -> dict[str, Any]:
+    row = {"backend": "be1", "address": "10.0.0.11", "vips": ["10.99.0.1"], "state": "active", "weight": 2,
+           "effective_weight": 2, "health": "ok", "packets": 5, "bytes": 500, "last_heartbeat": 0.4,
+           "static": False, **backend}
+    return {
+        "backends": [row],
+        "counters": {"packets_in": 7, "forwarded": {"be1": 5}, "forwarded_bytes": {"be1": 500},
+                     "dropped": {"not_a_vip": 2}, "icmp_too_big": 0},
+        "control": {"registrations": 1},
+        "conntrack": {"size": 3, "max_flows": 10, "segments": {"new": 1, "tcp": 2, "other": 0, "closing": 0},
+                      "hits": 4, "misses": 3, "evictions": {}, "expirations": {}},
+        "dataplane": {"workers": 2, "worker_restarts": 1, "table_version": 4},
+    }
+
+
+def test_status_shows_each_part_once_with_the_address() -> None:
+    text = format_status(status())
+    assert text.count("conntrack:") == 1  # the flow table was printed twice
+    assert text.count("'hits': 4") == 1
+    assert "10.0.0.11" in text.splitlines()[1]
+    assert "packets in: 7" in text and "control: {'registrations': 1}" in text
+
+
+def test_backend_up_is_one_only_for_an_active_healthy_backend() -> None:
+    assert 'caplance_backend_up{backend="be1"} 1' in render(status())
+    for change in ({"state": "paused"}, {"state": "draining"}, {"health": "checks failing"}):
+        text = render(status(**change))
+        assert 'caplance_backend_up{backend="be1"} 0' in text, change
+    paused = render(status(state="paused"))
+    assert 'caplance_backend_state{backend="be1",state="paused"} 1' in paused
+    assert 'caplance_backend_state{backend="be1",state="active"} 0' in paused
+    assert "caplance_worker_restarts_total 1" in paused
+    assert "caplance_conntrack_flows 3" in paused
