@@ -2,9 +2,13 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
-DEBIAN_PACKAGES := iproute2 nftables iptables ethtool procps kmod gcc python3-dev python3-venv libnetfilter-queue-dev
+DEBIAN_PACKAGES := iproute2 nftables iptables ethtool procps kmod gcc python3-dev python3-venv \
+	libnetfilter-queue-dev clang libbpf-dev libbpf1
+BPF_DIR := caplance/dataplane/bpf
+BPF_OBJECTS := $(BPF_DIR)/balancer.bpf.o $(BPF_DIR)/decap.bpf.o
+BPF_CFLAGS = -O2 -g -Wall -target bpf -I/usr/include/$$(gcc -dumpmachine)
 
-.PHONY: demo test setup debian-packages lint clean
+.PHONY: demo test setup debian-packages bpf lint clean
 
 demo: setup
 	$(VENV)/bin/python examples/simple_vip.py
@@ -14,13 +18,20 @@ test: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 	$(VENV)/bin/python -m pytest
 
-setup: debian-packages $(STAMP)
+setup: debian-packages $(STAMP) bpf
+
+# The kernel data plane's programs: clang -target bpf, shipped beside the Python as package data.
+bpf: $(BPF_OBJECTS)
+
+$(BPF_DIR)/%.bpf.o: $(BPF_DIR)/%.bpf.c $(BPF_DIR)/maps.h $(BPF_DIR)/flowhash.h
+	clang $(BPF_CFLAGS) -c $< -o $@
 
 # Install the Debian packages only when a tool is missing (so it runs offline once set up).
 debian-packages:
 	@if ! command -v ip >/dev/null || ! command -v nft >/dev/null || ! command -v iptables >/dev/null \
 	    || ! command -v ethtool >/dev/null || ! command -v gcc >/dev/null \
 	    || ! test -e /usr/include/libnetfilter_queue/libnetfilter_queue.h \
+	    || ! command -v clang >/dev/null || ! test -e /usr/include/bpf/bpf_helpers.h \
 	    || ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then \
 	  echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES); \
@@ -37,4 +48,4 @@ lint: setup
 	$(VENV)/bin/ruff check caplance tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info site
+	rm -rf $(VENV) build *.egg-info site $(BPF_OBJECTS)
