@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 DEBIAN_PACKAGES := iproute2 nftables iptables ethtool procps kmod gcc python3-dev python3-venv \
 	libnetfilter-queue-dev clang libbpf-dev libbpf1
 BPF_DIR := caplance/dataplane/bpf
-BPF_OBJECTS := $(BPF_DIR)/balancer.bpf.o $(BPF_DIR)/decap.bpf.o
+BPF_OBJECTS := $(BPF_DIR)/balancer.bpf.o $(BPF_DIR)/decap.bpf.o caplance/lab/xdp_pass.bpf.o
 BPF_CFLAGS = -O2 -g -Wall -target bpf -I/usr/include/$$(gcc -dumpmachine)
 
 .PHONY: demo test setup debian-packages bpf lint clean
@@ -24,6 +24,9 @@ setup: debian-packages $(STAMP) bpf
 bpf: $(BPF_OBJECTS)
 
 $(BPF_DIR)/%.bpf.o: $(BPF_DIR)/%.bpf.c $(BPF_DIR)/maps.h $(BPF_DIR)/flowhash.h
+	clang $(BPF_CFLAGS) -c $< -o $@
+
+caplance/lab/%.bpf.o: caplance/lab/%.bpf.c
 	clang $(BPF_CFLAGS) -c $< -o $@
 
 # Install the Debian packages only when a tool is missing (so it runs offline once set up).

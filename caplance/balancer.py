@@ -17,22 +17,71 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from caplance import plugins
 from caplance.config import BalancerConfig
+from caplance.errors import CaplanceError
+from caplance.forwarding import ForwardingTable
 from caplance.control.plane import ControlPlane
 from caplance.control.rebuild import TableBuilder
 from caplance.dataplane import DataPlane
 from caplance.dataplane.python import PythonDataPlane
 from caplance.interfaces import Listener, Transport
-from caplance.netops import NetOps
+from caplance.netops import NetOps, default_interface
 
-__all__ = ["Balancer", "worker_count"]
+if TYPE_CHECKING:
+    from caplance.dataplane.bpf.plane import BpfDataPlane
+
+__all__ = ["Balancer", "FastpathOff", "fastpath_for", "worker_count"]
 
 log = logging.getLogger(__name__)
+
+
+class FastpathOff:
+    """Stands where the kernel data plane would: says why it is not there (``ctl status``)."""
+
+    name = "off"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def apply(self, table: ForwardingTable) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {"fastpath": {"mode": "off", "reason": self.reason}}
+
+
+def fastpath_for(config: BalancerConfig, listener: Listener, *, own_listener: bool) -> BpfDataPlane | FastpathOff:
+    """The kernel data plane ``config`` asks for, or why not. Raises
+    :class:`~caplance.errors.CaplanceError` when ``tc`` or ``xdp`` is asked for explicitly and
+    cannot run; ``auto`` falls back to Python, saying why in one log line."""
+    from caplance.dataplane.bpf.plane import BpfDataPlane, unavailable
+
+    wanted = config.fastpath.mode
+    if wanted == "off":
+        return FastpathOff("fastpath mode is off")
+    mode = "tc" if wanted == "auto" else wanted
+    interface = config.fastpath.interface or getattr(listener, "interface", None)
+    if interface in (None, "lo"):
+        interface = default_interface()
+    if not own_listener and wanted == "auto":
+        reason: str | None = f"the listener is a {type(listener).__name__} object, not the kernel's"
+    elif mode == "tc" and listener.name == "packet":
+        reason = "listener 'packet' sees every packet before tc does"
+    else:
+        reason = unavailable(mode, interface)
+    if reason is None:
+        assert interface is not None
+        return BpfDataPlane(mode, interface, config.conntrack,
+                            new_flows_per_second=config.fastpath.new_flows_per_second)
+    if wanted != "auto":
+        raise CaplanceError(f"fastpath mode {wanted!r} cannot run: {reason}")
+    log.info("kernel data plane off; forwarding in Python", extra={"reason": reason})
+    return FastpathOff(reason)
 
 
 def worker_count(config: BalancerConfig, listener: Listener) -> int:
@@ -68,7 +117,10 @@ class Balancer:
             self.dataplane = WorkerPool(self.listener, config.conntrack, self.workers)
         else:
             self.dataplane = PythonDataPlane(self.listener, config.conntrack, transports=transports)
+        #: the kernel data plane in front of the Python one (or why there is none)
+        self.fastpath = fastpath_for(config, self.listener, own_listener=listener is None)
         self.control.add_consumer(self.dataplane)
+        self.control.add_consumer(self.fastpath)
         self._stop = trio.Event()
 
     def stop(self) -> None:
@@ -80,10 +132,11 @@ class Balancer:
         return not self.control.admitting
 
     def snapshot(self) -> dict[str, Any]:
-        """The counters (the data plane's, merged), the control events and the flow table."""
+        """The counters (the data planes', added up), the control events, the flow table and
+        the kernel data plane's own figures."""
         status = self.control.status()
         return {**status["counters"], "control": status["control"], "conntrack": status["conntrack"],
-                "dataplane": status["dataplane"]}
+                "dataplane": status["dataplane"], "fastpath": status["fastpath"]}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Build the first table, attach the VIPs, forward until :meth:`stop`, then stop in
@@ -102,9 +155,11 @@ class Balancer:
                 vips = [vip.address for vip in self.config.vips]
                 self.listener.attach(vips, netops, workers=self.workers)
                 await nursery.start(self.dataplane.run)
+                if not isinstance(self.fastpath, FastpathOff):  # the slow path first, then the fast one
+                    await nursery.start(self.fastpath.run)
                 log.info("balancer attached", extra={
                     "vips": [str(v) for v in vips], "listener": self.listener.name,
-                    "dataplane": self.dataplane.name, "workers": self.workers})
+                    "dataplane": self.dataplane.name, "workers": self.workers, "fastpath": self.fastpath.name})
                 task_status.started()
                 await self._stop.wait()
                 self.control.stop_admitting()
@@ -118,7 +173,7 @@ class Balancer:
         with trio.move_on_after(self.config.drain_timeout):
             seen = -1
             while True:
-                now = self.dataplane.stats().get("packets_in", 0)
+                now = sum(plane.stats().get("packets_in", 0) for plane in (self.dataplane, self.fastpath))
                 if now == seen:
                     return
                 seen = now

@@ -91,6 +91,8 @@ __all__ = [
     "VipConfig",
     "ListenerConfig",
     "ConntrackConfig",
+    "DecapConfig",
+    "FastpathConfig",
     "MAX_WORKERS",
     "WorkerCount",
     "BalancerConfig",
@@ -137,6 +139,8 @@ class BackendConfig:
     weight: Weight = attrs.field(default=Weight(1), validator=_v(check_weight),
                                  metadata=_doc("share of new flows; 0 = no new flows"))
     transport: PluginConfig = attrs.field(factory=_udp, metadata=_doc("encapsulation to this backend"))
+    decap: Literal["agent", "kernel"] = attrs.field(
+        default="agent", metadata=_doc("how it unwraps: its agent in user space, or its kernel (Caplance's decap program, fou, GRE)"))
 
 
 @attrs.frozen(kw_only=True)
@@ -194,6 +198,31 @@ class ListenerConfig:
 
 
 @attrs.frozen(kw_only=True)
+class FastpathConfig:
+    """The kernel (BPF) data plane in front of the Python one."""
+
+    mode: Literal["auto", "tc", "xdp", "off"] = attrs.field(
+        default="auto", metadata=_doc("auto: tc when the kernel can, else Python (the log and ctl status say why); off: Python only"))
+    interface: IfName | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_v(check_ifname)),
+        metadata=_doc("where clients' packets arrive; none = the listener's, else the default route's or the only one"))
+    new_flows_per_second: Count = attrs.field(
+        default=Count(100_000), validator=_v(check_count),
+        metadata=_doc("per CPU: new flows beyond this are forwarded but not remembered (a flood cannot evict real flows)"))
+
+
+@attrs.frozen(kw_only=True)
+class DecapConfig:
+    """The agent's kernel decapsulation (a tc program on its interface)."""
+
+    mode: Literal["auto", "tc", "off"] = attrs.field(
+        default="auto", metadata=_doc("auto: in the kernel when it can, else the agent injects; off: the agent only"))
+    interface: IfName | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_v(check_ifname)),
+        metadata=_doc("where encapsulated packets arrive; none = the route's toward the balancer, or the only one"))
+
+
+@attrs.frozen(kw_only=True)
 class ConntrackConfig:
     """The balancer's flow table (connection tracking)."""
 
@@ -226,10 +255,15 @@ class BalancerConfig:
     drain_idle: Seconds = attrs.field(default=Seconds(1.0), validator=_v(check_seconds), metadata=_doc("stop draining after this long without packets"))
     workers: WorkerCount = attrs.field(default=1, validator=_v(check_workers),
                                        metadata=_doc('Python data-plane processes; "auto" = one per CPU'))
+    fastpath: FastpathConfig = attrs.field(factory=FastpathConfig, metadata=_doc("the kernel data plane"))
 
     def __attrs_post_init__(self) -> None:
         if not self.vips:
             raise ValueError("a balancer needs at least one VIP")
+        if self.fastpath.mode == "tc" and self.listener.kind == "packet":
+            raise ValueError("fastpath mode 'tc' cannot work with listener 'packet': an AF_PACKET socket sees"
+                             " every packet before tc does, so each would be forwarded twice; use listener"
+                             " 'tun', 'raw' or 'nfqueue', or fastpath mode 'xdp'")
         addresses = [vip.address for vip in self.vips]
         if len(addresses) != len(set(addresses)):
             raise ValueError("each VIP address may appear once")
@@ -274,6 +308,7 @@ class AgentConfig:
     heartbeat_interval: Seconds = attrs.field(default=Seconds(1.0), validator=_v(check_seconds), metadata=_doc("seconds between heartbeats"))
     drain_timeout: Seconds = attrs.field(default=Seconds(10.0), validator=_v(check_seconds), metadata=_doc("on SIGTERM: drain this long, then leave"))
     health: LocalCheckConfig | None = attrs.field(default=None, metadata=_doc("local health check"))
+    fastpath: DecapConfig = attrs.field(factory=DecapConfig, metadata=_doc("decapsulation in the kernel"))
 
     def __attrs_post_init__(self) -> None:
         if not self.vips:

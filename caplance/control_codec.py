@@ -169,14 +169,16 @@ def verify_mac(secret: bytes, proof: str, label: str, *parts: str) -> bool:
 
 
 def registration_fields(msg: Mapping[str, Any]) -> tuple[str, ...]:
-    """The fields of a ``register`` message its proof covers, canonically encoded."""
-    return (
+    """The fields of a ``register`` message its proof covers, canonically encoded (``decap``,
+    optional -- "agent" or "kernel" --, only when present, so older agents still prove)."""
+    fields = (
         msg["name"],
         msg["data_address"],
         json.dumps(msg["transport"], sort_keys=True, separators=(",", ":")),
         json.dumps(msg["vips"], sort_keys=True, separators=(",", ":")),
         str(msg["weight"]),
     )
+    return (*fields, str(msg["decap"])) if "decap" in msg else fields
 
 
 # -- data-path probes ----------------------------------------------------------------------

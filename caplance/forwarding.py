@@ -170,6 +170,8 @@ class BackendEntry:
     transport: PluginConfig
     #: the largest inner packet (bytes) that fits the path MTU once encapsulated
     max_packet: int
+    #: it unwraps in its kernel (a checksum left to offload stays valid there)
+    kernel_decap: bool = False
 
 
 @attrs.frozen

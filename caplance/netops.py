@@ -34,7 +34,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from caplance.errors import NetOpsError
 from caplance.packet import IPAddress
 
-__all__ = ["IPAddress", "NetOps", "largest_link_mtu", "open_tun_queue", "read_link_type", "read_sysctl"]
+__all__ = ["IPAddress", "NetOps", "default_interface", "largest_link_mtu", "open_tun_queue", "read_link_type",
+           "read_sysctl"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,31 @@ def largest_link_mtu(*, exclude: set[str]) -> int:
         except (OSError, ValueError):
             continue
     return max(sizes, default=1500)
+
+
+def default_interface() -> str | None:
+    """The interface of this namespace's IPv4 default route, else its only interface other
+    than ``lo`` that is up; None when neither says (from procfs and sysfs)."""
+    try:
+        with open("/proc/net/route") as handle:
+            for line in handle.readlines()[1:]:
+                fields = line.split()
+                if len(fields) > 7 and fields[1] == "00000000" and fields[7] == "00000000":
+                    return fields[0]
+    except OSError:
+        pass
+    candidates = []
+    for entry in os.scandir("/sys/class/net"):
+        if entry.name == "lo":
+            continue
+        try:
+            with open(os.path.join(entry.path, "operstate")) as handle:
+                state = handle.read().strip()
+        except OSError:
+            continue
+        if state in ("up", "unknown") and not os.path.exists(os.path.join(entry.path, "tun_flags")):
+            candidates.append(entry.name)
+    return candidates[0] if len(candidates) == 1 else None
 
 
 _TUNSETQUEUE = 0x400454D9

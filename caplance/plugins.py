@@ -118,11 +118,21 @@ def check_plugins(config: Any) -> list[tuple[str, str]]:
         except PluginError as exc:
             problems.append((path, str(exc)))
 
+    fastpath = getattr(getattr(config, "fastpath", None), "mode", "off")
     for index, vip in enumerate(getattr(config, "vips", ())):
         if not hasattr(vip, "selector"):
             break  # an agent's VIPs are plain addresses
         backends = {backend.name: backend.weight for backend in vip.backends}
-        attempt(f"$.vips[{index}].selector", build_selector, vip.selector.name, backends, vip.selector.options)
+        path = f"$.vips[{index}].selector"
+        try:
+            selector = build_selector(vip.selector.name, backends, vip.selector.options)
+        except PluginError as exc:
+            problems.append((path, str(exc)))
+        else:
+            if fastpath in ("tc", "xdp") and not callable(getattr(selector, "lookup_table", None)):
+                problems.append((path, f"selector {vip.selector.name!r} has no lookup table, which the kernel"
+                                       f" data plane (fastpath mode {fastpath!r}) needs: use maglev or"
+                                       " rendezvous, or fastpath mode 'auto' (its VIP then stays in Python)"))
         for number, backend in enumerate(vip.backends):
             attempt(f"$.vips[{index}].backends[{number}].transport", make_transport,
                     backend.transport.name, backend.transport.options)

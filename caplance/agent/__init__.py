@@ -31,11 +31,12 @@ import attrs
 import trio
 
 from caplance import plugins
+from caplance.agent.decap import KernelDecap, decap_unavailable
 from caplance.agent.health import run_local_check
 from caplance.agent.session import run_agent_control
 from caplance.config import AgentConfig
 from caplance.control_codec import probe_token
-from caplance.errors import MalformedPacket
+from caplance.errors import CaplanceError, MalformedPacket
 from caplance.interfaces import Transport
 from caplance.netops import NetOps
 from caplance.packet import destination, flow_key
@@ -75,14 +76,20 @@ class Agent:
         self.healthy = True
         #: the state the balancer last told us (None before it told us anything)
         self.balancer_state: str | None = None
+        #: the kernel unwraps our packets (told to the balancer when registering)
+        self.kernel_decap = False
+        self._decap: KernelDecap | None = None
+        self.decap_off_reason: str | None = None
         self._stop = trio.Event()
         self._left = trio.Event()
         self._requests_send, self._requests = trio.open_memory_channel[str](8)
         self._probes_send, self._probes = trio.open_memory_channel[str](8)
 
     def snapshot(self) -> dict[str, Any]:
-        """The agent's counters."""
-        return self.stats.snapshot()
+        """The agent's counters, and the kernel decapsulation's (``fastpath``)."""
+        fastpath: dict[str, Any] = ({"mode": "tc", **self._decap.stats()} if self._decap is not None
+                                    else {"mode": "off", "reason": self.decap_off_reason})
+        return {**self.stats.snapshot(), "fastpath": fastpath}
 
     def stop(self) -> None:
         """Ask :meth:`run` to drain (when registered with a balancer), deregister and
@@ -138,6 +145,7 @@ class Agent:
                 log.warning("no balancer or balancers configured: accepting encapsulated packets"
                             " from any source", extra={"agent": self.config.name})
             source = self._transport().open_receiver(self.config.data_address, netops)
+            self._attach_decap(netops)
             log.info("agent ready", extra={"agent": self.config.name,
                                            "vips": [str(v) for v in self.config.vips]})
             async with trio.open_nursery() as nursery:
@@ -154,6 +162,25 @@ class Agent:
         finally:
             problems = netops.undo_all()
             log.info("agent stopped", extra={"agent": self.config.name, "cleanup_problems": problems})
+
+    def _attach_decap(self, netops: NetOps) -> None:
+        """Unwrap in the kernel when the config lets us and the kernel can; else say why."""
+        mode = self.config.fastpath.mode
+        reason = "fastpath mode is off" if mode == "off" else decap_unavailable(self.config)
+        if reason is None:
+            try:
+                decap = KernelDecap(self.config)
+                decap.attach(netops)
+            except CaplanceError as exc:
+                reason = str(exc)
+            else:
+                self._decap, self.kernel_decap = decap, True
+                return
+        if mode == "tc":
+            raise CaplanceError(f"fastpath mode 'tc' cannot run: {reason}")
+        self.decap_off_reason = reason
+        if mode == "auto":
+            log.info("kernel decapsulation off; the agent injects", extra={"reason": reason})
 
     async def _leave(self) -> None:
         """Drain (new flows go elsewhere while ours finish), then deregister."""

@@ -34,6 +34,8 @@ class AgentHandle(Protocol):
     healthy: bool
     #: the state the balancer last told us
     balancer_state: str | None
+    #: the kernel unwraps our packets
+    kernel_decap: bool
 
     @property
     def left(self) -> bool: ...
@@ -95,6 +97,7 @@ async def _register_and_serve(agent: AgentHandle, endpoint: Endpoint, framed: Fr
             "register", name=config.name, data_address=str(data_address),
             transport={"name": config.transport.name, "options": dict(config.transport.options)},
             vips=[str(vip) for vip in config.vips], weight=config.weight, proof="",
+            decap="kernel" if agent.kernel_decap else "agent",
         )
         register["proof"] = codec.mac(secret.value, "agent", challenge["nonce"], nonce_a,
                                       *codec.registration_fields(register))

@@ -176,7 +176,7 @@ def format_status(result: dict[str, Any]) -> str:
     counters = result["counters"]
     out.append("")
     out.append(f"packets in: {counters.get('packets_in', 0)}  dropped: {counters.get('dropped') or 0}")
-    for name in ("control", "conntrack", "dataplane"):
+    for name in ("control", "conntrack", "dataplane", "fastpath"):
         if result.get(name):
             out.append(f"{name}: {result[name]}")
     out.append(f"as of {time.strftime('%Y-%m-%d %H:%M:%S')}")

@@ -72,6 +72,8 @@ class Member:
     drain_deadline: float | None = None
     #: an operator asked it to leave (drain or deregister): once gone, it stays gone
     leaving: bool = False
+    #: it unwraps encapsulated packets in its kernel, not in its agent
+    kernel_decap: bool = False
 
     @property
     def healthy(self) -> bool:

@@ -104,7 +104,8 @@ class ControlPlane:
                     continue
                 self.membership.add(Member(
                     name=backend.name, address=backend.address, transport=backend.transport,
-                    vips=(vip.address,), weight=backend.weight, static=True, state=State.ACTIVE), 0.0)
+                    vips=(vip.address,), weight=backend.weight, static=True, state=State.ACTIVE,
+                    kernel_decap=backend.decap == "kernel"), 0.0)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -271,13 +272,13 @@ class ControlPlane:
                 continue
             number = self._ids.hold(member.name)
             old = previous.backends.get(number)
-            if old is not None and (old.name, old.address, old.transport) == (
-                    member.name, member.address, member.transport):
+            if old is not None and (old.name, old.address, old.transport, old.kernel_decap) == (
+                    member.name, member.address, member.transport, member.kernel_decap):
                 backends[number] = old
             else:
                 backends[number] = BackendEntry(id=number, name=member.name, address=member.address,
-                                                transport=member.transport,
-                                                max_packet=self._max_packet(member))
+                                                transport=member.transport, max_packet=self._max_packet(member),
+                                                kernel_decap=member.kernel_decap)
         flags = VipFlags.NONE if self._admitting else VipFlags.CLOSED
         vips = {}
         for address, config in self._vips.items():
@@ -308,6 +309,7 @@ class ControlPlane:
         counters = merge(snapshots)
         conntrack = counters.pop("conntrack", None)
         dataplane = counters.pop("dataplane", {})
+        fastpath = counters.pop("fastpath", {"mode": "off"})
         forwarded = counters.get("forwarded", {})
         sent_bytes = counters.get("forwarded_bytes", {})
         rows = []
@@ -334,4 +336,5 @@ class ControlPlane:
         return {"backends": rows, "counters": counters, "control": dict(self.counters),
                 "conntrack": conntrack if conntrack is not None else "off",
                 "dataplane": {**dataplane, "table_version": self.table.version,
-                              "rebuilds": self.rebuilds, "admitting": self._admitting}}
+                              "rebuilds": self.rebuilds, "admitting": self._admitting},
+                "fastpath": fastpath}

@@ -160,6 +160,9 @@ async def _handshake(registry: AgentRegistry, framed: FramedStream, secret: byte
         return None
     try:
         address, vips, transport = _check_registration(registry, register)
+        decap = register.get("decap", "agent")
+        if decap not in ("agent", "kernel"):
+            raise ValueError(f"decap must be agent or kernel, got {str(decap)[:20]!r}")
     except (CaplanceError, ValueError, TypeError, AttributeError) as exc:
         await _refuse(framed, registry, f"bad registration: {exc}", "malformed")
         return None
@@ -167,7 +170,7 @@ async def _handshake(registry: AgentRegistry, framed: FramedStream, secret: byte
         await _refuse(framed, registry, f"{name} is a static backend in the config", "name_taken")
         return None
     member = Member(name=name, address=address, transport=transport, vips=vips,
-                    weight=register["weight"], static=False)
+                    weight=register["weight"], static=False, kernel_decap=decap == "kernel")
     registry.add_member(member)
     registry.counters["registrations"] += 1
     return member

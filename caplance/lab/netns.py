@@ -172,9 +172,9 @@ class Lab:
         """``argv`` wrapped to run inside host ``role``'s namespace."""
         return ["ip", "netns", "exec", self.hosts[role].netns, *argv]
 
-    def run_switch(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run_switch(self, *argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` in the switch namespace (where the bridge and the hosts' peers are)."""
-        return _run(["ip", "netns", "exec", self.switch, *argv], check=check)
+        return _run(["ip", "netns", "exec", self.switch, *argv], check=check, input=input)
 
     def run(self, role: str, *argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return _run(self.command(role, *argv), check=check, input=input)
@@ -216,6 +216,13 @@ class Lab:
         lines = [line for line in out.decode().splitlines() if line.startswith("{")]
         return dict(json.loads(lines[-1])) if lines else {}
 
+    def xdp_peer(self, role: str) -> None:
+        """Attach a pass-everything XDP program to the switch's end of host ``role``'s veth:
+        native XDP on a veth sends frames out (``XDP_TX``) only when its peer has a program
+        too. Removed with the switch namespace."""
+        program = Path(__file__).with_name("xdp_pass.bpf.o")
+        self.run_switch("ip", "link", "set", "dev", role, "xdpdrv", "obj", str(program), "sec", "xdp")
+
     def write_config(self, name: str, data: dict[str, Any]) -> str:
         """Write ``data`` as TOML file ``name`` in the lab's work directory; return its path."""
         path = self.workdir / f"{name}.toml"
@@ -226,13 +233,16 @@ class Lab:
         self.run(role, "sysctl", "-q", "-w", f"{name}={value}")
 
     def listing(self, role: str) -> str:
-        """Links, addresses, routes (v4 and v6) and the nftables ruleset of a host, for
-        comparing before and after."""
+        """Links (an attached XDP program shows there), addresses, routes (v4 and v6), the
+        nftables ruleset, tc qdiscs and eth0's tc filters of a host, for comparing before and
+        after."""
         parts = [
             self.run(role, "ip", "-o", "link", "show").stdout,
             self.run(role, "ip", "-o", "addr", "show").stdout,
             self.run(role, "ip", "route", "show", "table", "all").stdout,
             self.run(role, "ip", "-6", "route", "show", "table", "all").stdout,
             self.run(role, "nft", "list", "ruleset").stdout,
+            self.run(role, "tc", "qdisc", "show").stdout,
+            self.run(role, "tc", "filter", "show", "dev", "eth0", "ingress").stdout,
         ]
         return "\n".join(parts)

@@ -24,6 +24,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.skip(reason=reason))
 
 
+@pytest.fixture(params=["python", "kernel"])
+def both_planes(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test once with each data plane (see ``services.use_plane``)."""
+    from tests.integration import services
+
+    services.use_plane(request.param)
+    try:
+        yield request.param
+    finally:
+        services.use_plane("python")
+
+
 @pytest.fixture
 def lab() -> Iterator[Lab]:
     """A lab with a client, a balancer and three backends; removed even if the test fails."""

@@ -19,6 +19,26 @@ from caplance.strategies.maglev import Maglev
 CAPLANCE = [sys.executable, "-m", "caplance.cli"]
 LAB = [sys.executable, "-m", "caplance.lab"]
 
+#: which data planes the helpers below configure: "python" (the kernel's off on both sides)
+#: or "kernel" (tc on the balancer, decap in the agents' kernels). Test modules that run both
+#: set it from a parametrised fixture (see ``use_plane``).
+PLANES = {"python": ({"mode": "off"}, {"mode": "off"}), "kernel": ({"mode": "tc"}, {"mode": "tc"})}
+plane = "python"
+
+
+def use_plane(name: str) -> None:
+    """Configure balancers and agents from now on for data plane ``name``."""
+    global plane
+    plane = name
+
+
+def balancer_fastpath() -> dict[str, Any]:
+    return dict(PLANES[plane][0])
+
+
+def agent_fastpath() -> dict[str, Any]:
+    return dict(PLANES[plane][1])
+
 
 def balancer_config(lab: Lab, *, listener: str = "tun", vips: Iterable[ipaddress._BaseAddress] = (VIP4,),
                     backends: Iterable[str] = ("be1", "be2", "be3"),
@@ -28,13 +48,18 @@ def balancer_config(lab: Lab, *, listener: str = "tun", vips: Iterable[ipaddress
         listener_table["interface"] = "eth0"
     if listener == "nfqueue":
         listener_table["options"] = {"queue": 5}
+    decap = "kernel" if plane == "kernel" else "agent"
+    fastpath = balancer_fastpath()
+    if plane == "kernel" and listener == "packet":  # tc comes after AF_PACKET's tap; XDP before it
+        fastpath["mode"] = "xdp"
     return {
         "listener": listener_table,
         "control_socket": str(lab.workdir / "balancer.sock"),
         "drain_idle": 0.2,
+        "fastpath": fastpath,
         "vips": [
             {"address": str(vip), "protocol": "tcp", "ports": [80],
-             "backends": [{"name": name, "address": str(lab.hosts[name].ipv4),
+             "backends": [{"name": name, "address": str(lab.hosts[name].ipv4), "decap": decap,
                            "transport": {"name": (transports or {}).get(name, "udp")}} for name in backends]}
             for vip in vips
         ],
@@ -45,10 +70,12 @@ def balancer_config(lab: Lab, *, listener: str = "tun", vips: Iterable[ipaddress
 def agent_config(lab: Lab, name: str, *, vips: Iterable[ipaddress._BaseAddress] = (VIP4,),
                  **extra: Any) -> dict[str, Any]:
     return {"name": name, "vips": [str(v) for v in vips],
-            "balancers": [str(lab.hosts["lb"].ipv4)], **extra}
+            "balancers": [str(lab.hosts["lb"].ipv4)], "fastpath": agent_fastpath(), **extra}
 
 
 def start_balancer(lab: Lab, config: dict[str, Any]) -> subprocess.Popen[bytes]:
+    if config.get("fastpath", {}).get("mode") == "xdp":
+        lab.xdp_peer("lb")
     return lab.start("lb", *CAPLANCE, "balancer", "--print-stats", "--config", lab.write_config("balancer", config))
 
 
@@ -103,7 +130,7 @@ def start_agent(lab: Lab, name: str, *, secret: str = SECRET, http: bool = True,
                 **extra: Any) -> subprocess.Popen[bytes]:
     """An agent that registers with the balancer (and, by default, the HTTP server)."""
     config = {"name": name, "vips": [str(VIP4)], "balancer": control_address(lab),
-              "heartbeat_interval": 0.3, "drain_timeout": 1.0, **extra}
+              "heartbeat_interval": 0.3, "drain_timeout": 1.0, "fastpath": agent_fastpath(), **extra}
     path = lab.write_config(name, config)
     if http:  # the service first: once registered, the backend gets connections
         lab.start(name, *LAB, "http", "--name", name)

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from caplance.lab import Lab
 from tests.integration.services import (
     CAPLANCE,
@@ -26,6 +28,7 @@ from tests.integration.services import (
 )
 
 HOSTILE = str(Path(__file__).with_name("hostile_client.py"))
+pytestmark = pytest.mark.usefixtures("both_planes")  # every test with the Python and the kernel data plane
 
 
 def active(lab: Lab, *names: str) -> bool:

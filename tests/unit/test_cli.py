@@ -335,3 +335,23 @@ def test_an_unknown_listener_fails_the_check(tmp_path: Path) -> None:
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert problem_lines(done)[0].startswith("@ $.listener: caplance.listeners plugin 'carrier-pigeon':"
                                              " not registered (available: nfqueue, packet, raw, tun")
+
+
+def test_a_table_less_selector_with_an_explicit_kernel_data_plane_fails_the_check(tmp_path: Path) -> None:
+    data = {**BALANCER, "fastpath": {"mode": "tc"}}
+    path = write(tmp_path, data)
+    done = caplance("config", "check", path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert problem_lines(done) == ["@ $.vips[1].selector: selector 'ring' has no lookup table, which the kernel"
+                                   " data plane (fastpath mode 'tc') needs: use maglev or rendezvous, or"
+                                   " fastpath mode 'auto' (its VIP then stays in Python)"]
+    auto = write(tmp_path, {**BALANCER, "fastpath": {"mode": "auto"}}, "auto.toml")
+    assert caplance("config", "check", auto).returncode == 0
+
+
+def test_tc_with_the_packet_listener_fails_the_check(tmp_path: Path) -> None:
+    path = write(tmp_path, {**BALANCER, "listener": {"kind": "packet", "interface": "eth0"},
+                            "fastpath": {"mode": "tc"}})
+    done = caplance("config", "check", path)
+    assert done.returncode == 2
+    assert problem_lines(done)[0].startswith("@ $: fastpath mode 'tc' cannot work with listener 'packet'")

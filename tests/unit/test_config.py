@@ -23,7 +23,9 @@ from caplance.config import (
     BackendConfig,
     BalancerConfig,
     ConntrackConfig,
+    DecapConfig,
     Endpoint,
+    FastpathConfig,
     HealthCheckConfig,
     ListenerConfig,
     LocalCheckConfig,
@@ -233,7 +235,7 @@ def test_a_missing_table_starts_from_the_fields_default() -> None:
     ({"CAPLANCE_LISTENR__KIND": "raw"}, "$ (from CAPLANCE_LISTENR__KIND)",
      ('unknown key "listenr" (keys here: vips, listener, conntrack, control, control_socket,'
      " metrics, secret_file, secret, allowed_networks, heartbeat_timeout, proof_timeout,"
-     " drain_timeout, drain_idle, workers)")),
+     " drain_timeout, drain_idle, workers, fastpath)")),
     ({"CAPLANCE_LISTENER__KINDX": "raw"}, "$.listener (from CAPLANCE_LISTENER__KINDX)",
      'unknown key "kindx" (keys here: kind, interface, device, options)'),
     ({"CAPLANCE_DRAIN_TIMEOUT__X": "1"}, "$.drain_timeout (from CAPLANCE_DRAIN_TIMEOUT__X)",
@@ -375,11 +377,15 @@ plugins = st.builds(PluginConfig, name=names, options=options)
 #: test_the_strategies_cover_every_field, so the round trips keep covering everything.
 FIELDS: dict[type, dict[str, st.SearchStrategy[Any]]] = {
     PluginConfig: {"name": names, "options": options},
-    BackendConfig: {"name": names, "address": addresses, "weight": st.integers(0, 1000), "transport": plugins},
+    BackendConfig: {"name": names, "address": addresses, "weight": st.integers(0, 1000), "transport": plugins,
+                    "decap": st.sampled_from(["agent", "kernel"])},
     HealthCheckConfig: {"kind": st.sampled_from(["tcp", "http"]), "port": ports, "path": st.text(max_size=20),
                         "interval": seconds, "timeout": seconds, "rise": counts, "fall": counts},
     ListenerConfig: {"kind": st.sampled_from(["tun", "raw", "nfqueue"]), "interface": st.none() | ifnames,
                      "device": ifnames, "options": options},
+    FastpathConfig: {"mode": st.sampled_from(["auto", "tc", "xdp", "off"]), "interface": st.none() | ifnames,
+                     "new_flows_per_second": counts},
+    DecapConfig: {"mode": st.sampled_from(["auto", "tc", "off"]), "interface": st.none() | ifnames},
     ConntrackConfig: {"enabled": st.booleans(), "max_flows": counts, "tcp_timeout": seconds,
                       "tcp_closing_timeout": seconds, "udp_timeout": seconds},
     LocalCheckConfig: {"command": st.just(()), "url": st.none(), "interval": seconds, "timeout": seconds},
@@ -404,6 +410,7 @@ FIELDS[BalancerConfig] = {
     "secret": st.none(), "allowed_networks": st.lists(networks, max_size=3).map(tuple),
     "heartbeat_timeout": seconds, "proof_timeout": seconds, "drain_timeout": seconds, "drain_idle": seconds,
     "workers": st.just("auto") | st.integers(1, 64),
+    "fastpath": builds(FastpathConfig, mode=st.sampled_from(["auto", "xdp", "off"])),
 }
 local_checks = st.one_of(
     builds(LocalCheckConfig, command=st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=3).map(tuple)),
@@ -417,6 +424,7 @@ FIELDS[AgentConfig] = {
     "inject": st.sampled_from(["raw", "tun"]), "vip_interface": ifnames, "tun_device": ifnames,
     "tun_address": addresses, "secret_file": st.none() | st.text(min_size=1, max_size=30), "secret": st.none(),
     "heartbeat_interval": seconds, "drain_timeout": seconds, "health": st.none() | local_checks,
+    "fastpath": builds(DecapConfig),
 }
 
 

@@ -132,6 +132,8 @@ enum action { FORWARD, PASS, DROP, NOT_OURS };
 
 struct packet {
 	__u8 key[40];           /* the flow key (13 or 37 bytes used) */
+	__u32 pseudo;           /* the TCP/UDP pseudo-header sum, folded (0 for other protocols) */
+	__u16 checksum;         /* the TCP/UDP checksum field as it is, network order */
 	__u32 key_length;
 	__u32 ip_length;        /* from the IP header: Ethernet padding not counted */
 	__u32 l4;               /* offset of the transport header from the start of the frame */
@@ -165,6 +167,30 @@ static __always_inline int has_ports(__u8 protocol)
 	       protocol == PROTO_SCTP || protocol == PROTO_UDPLITE;
 }
 
+/* The TCP/UDP pseudo-header sum over ``words`` 16-bit words of addresses (both), folded, as
+ * a sender that leaves the checksum to offload writes it into the checksum field. */
+static __always_inline __u32 pseudo_sum(__u16 *addresses, int words, __u8 protocol, __u32 length)
+{
+	__u32 sum = bpf_htons(protocol) + bpf_htons((__u16)length);
+
+#pragma unroll
+	for (int i = 0; i < 16; i++) {
+		if (i >= words)
+			break;
+		sum += addresses[i];
+	}
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return sum;
+}
+
+/* Whether the packet's TCP/UDP checksum was left to offload (only the pseudo-header sum is
+ * in it): its bytes are not valid until a NIC -- or a kernel that unwraps it -- finishes it. */
+static __always_inline int checksum_pending(struct packet *p)
+{
+	return (p->protocol == PROTO_TCP || p->protocol == PROTO_UDP) && p->checksum == p->pseudo;
+}
+
 /* The transport part of the key (bytes key[at..at+4)): ports, an ICMP echo identifier, or
  * nothing. ICMP errors and headers cut short are passed up (reason in *why). */
 static __always_inline enum action key_transport(void *data, void *data_end, struct packet *p, __u32 at,
@@ -180,11 +206,18 @@ static __always_inline enum action key_transport(void *data, void *data_end, str
 		__builtin_memcpy(&p->key[at], l4, 4);
 		p->dport = ((__u16)l4[2] << 8) | l4[3];
 		if (p->protocol == PROTO_TCP) {
-			if ((void *)(l4 + 14) > data_end) {
+			if ((void *)(l4 + 18) > data_end) {
 				*why = R_PASS_TRUNCATED;
 				return PASS;
 			}
 			p->tcp_flags = l4[13];
+			p->checksum = *(__u16 *)(l4 + 16);
+		} else if (p->protocol == PROTO_UDP) {
+			if ((void *)(l4 + 8) > data_end) {
+				*why = R_PASS_TRUNCATED;
+				return PASS;
+			}
+			p->checksum = *(__u16 *)(l4 + 6);
 		}
 		return FORWARD;
 	}
@@ -242,6 +275,7 @@ static __always_inline enum action parse(void *data, void *data_end, struct pack
 		p->key[8] = ip->protocol;
 		p->key_length = 13;
 		p->l4 = sizeof(*eth) + sizeof(*ip);
+		p->pseudo = pseudo_sum((__u16 *)&ip->saddr, 4, p->protocol, p->ip_length - sizeof(*ip));
 		return key_transport(data, data_end, p, 9, PROTO_ICMP, why);
 	}
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
@@ -269,6 +303,7 @@ static __always_inline enum action parse(void *data, void *data_end, struct pack
 		p->key[32] = ip6->nexthdr;
 		p->key_length = 37;
 		p->l4 = sizeof(*eth) + sizeof(*ip6);
+		p->pseudo = pseudo_sum((__u16 *)&ip6->saddr, 16, p->protocol, p->ip_length - sizeof(*ip6));
 		return key_transport(data, data_end, p, 33, PROTO_ICMPV6, why);
 	}
 	return NOT_OURS;
@@ -514,6 +549,10 @@ int caplance_tc(struct __sk_buff *skb)
 		count(why);
 		return action == DROP ? TC_ACT_SHOT : TC_ACT_OK;
 	}
+	if ((skb->gso_segs > 1 || checksum_pending(&p)) && !(b->flags & BACKEND_KERNEL_DECAP)) {
+		count(R_PASS_CHECKSUM); /* the Python plane's path finishes the checksum first */
+		return TC_ACT_OK;
+	}
 	if (skb->gso_segs > 1) {
 		/* an aggregate: the kernel cuts it after we wrap it (the encap flags keep it a tunnel
 		 * aggregate, and it lowers the segment size by our overhead) */
@@ -565,6 +604,10 @@ int caplance_xdp(struct xdp_md *ctx)
 	}
 	if (p.ip_length > b->max_packet) {
 		count(R_PASS_TOO_BIG);
+		return XDP_PASS;
+	}
+	if (checksum_pending(&p)) { /* an XDP frame carries no "finish the checksum" mark: pass it up */
+		count(R_PASS_CHECKSUM);
 		return XDP_PASS;
 	}
 	__u32 frame = data_end - data;

@@ -27,7 +27,7 @@ VIP_KEY: Final = struct.Struct("=16sB3x")
 VIP_META: Final = struct.Struct("=IIIIIB3x")  # index, slot, flags, seed, size, protocol
 PORT_KEY: Final = struct.Struct("=IH2x")
 MEMBER_KEY: Final = struct.Struct("=II")
-BACKEND: Final = struct.Struct("=16s16s16sIHHBB2x")  # addr, source, nexthop, ifindex, port, max, family, transport
+BACKEND: Final = struct.Struct("=16s16s16sIHHBBBx")  # addr, source, nexthop, ifindex, port, max, family, transport, flags
 FLOW_KEY_SIZE: Final = 40
 FLOW: Final = struct.Struct("=QII")
 SETTINGS: Final = struct.Struct("=QQQQII")
@@ -39,6 +39,7 @@ VIP_CLOSED: Final = 1
 VIP_ALL_PORTS: Final = 2
 TRANSPORT_UDP: Final = 1
 TRANSPORT_GRE: Final = 2
+BACKEND_KERNEL_DECAP: Final = 1
 #: transport plugin name -> (kind, default UDP port); others are passed up to the Python plane
 TRANSPORTS: Final = {"udp": (TRANSPORT_UDP, 7001), "gue": (TRANSPORT_UDP, 6080), "gre-raw": (TRANSPORT_GRE, 0),
                      "gre": (TRANSPORT_GRE, 0)}
@@ -47,7 +48,7 @@ TRANSPORTS: Final = {"udp": (TRANSPORT_UDP, 7001), "gue": (TRANSPORT_UDP, 6080),
 REASONS: Final = (
     "packets_in", "forwarded", "no_backend", "no_sender", "protocol_not_served", "port_not_served", "draining",
     "encap_failed", "pass_fragment", "pass_options", "pass_icmp", "pass_too_big", "pass_not_ready",
-    "pass_truncated", "pass_transport", "flow_not_remembered", "flow_rehashed",
+    "pass_truncated", "pass_transport", "pass_checksum", "flow_not_remembered", "flow_rehashed",
 )
 #: the counters that are drops (the rest of the pass_* ones are packets handed to the Python plane)
 DROPS: Final = frozenset({"no_backend", "no_sender", "protocol_not_served", "port_not_served", "draining",
@@ -81,5 +82,6 @@ def backend_value(entry: BackendEntry, *, source: IPAddress | None, nexthop: IPA
     port = entry.transport.options.get("port", default_port)
     if not isinstance(port, int) or not 0 <= port <= 65535 or source is None:
         kind, port = 0, 0
+    flags = BACKEND_KERNEL_DECAP if entry.kernel_decap else 0
     return BACKEND.pack(entry.address.packed, _address(source), _address(nexthop), ifindex, port,
-                        min(entry.max_packet, 65535), entry.address.version, kind)
+                        min(entry.max_packet, 65535), entry.address.version, kind, flags)

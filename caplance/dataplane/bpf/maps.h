@@ -74,8 +74,12 @@ struct backend {
 	__u16 max_packet;          /* the largest inner packet that fits the path */
 	__u8 family;               /* of addr, source, nexthop: 4 or 6 (0: no backend) */
 	__u8 transport;
-	__u8 pad[2];
+	__u8 flags;                /* BACKEND_KERNEL_DECAP */
+	__u8 pad;
 };
+
+/* backend.flags */
+#define BACKEND_KERNEL_DECAP 1     /* it unwraps in its kernel: a checksum left to offload stays valid */
 
 struct flow_key {
 	__u8 bytes[40];            /* the 13- or 37-byte flow key, zero padded */
@@ -123,6 +127,8 @@ enum reason {
 	R_PASS_NOT_READY,             /* passed up: no table yet */
 	R_PASS_TRUNCATED,             /* passed up: headers cut short (the Python plane counts it) */
 	R_PASS_TRANSPORT,             /* passed up: a backend the program cannot wrap for (IPv6, a plugin) */
+	R_PASS_CHECKSUM,              /* passed up: a checksum left to offload (a local sender, an aggregate)
+	                               * for a backend whose agent unwraps in user space */
 	R_FLOW_NOT_REMEMBERED,        /* a new flow over the rate limit: forwarded, not in the table */
 	R_FLOW_REHASHED,              /* a remembered flow whose backend left: picked afresh */
 	R_COUNT

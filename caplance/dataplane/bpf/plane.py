@@ -88,6 +88,7 @@ class BpfDataPlane:
         self._names: dict[int, str] = {}
         self._left_out: set[IPAddress] = set()
         self._cpus = 1
+        self._final: dict[str, Any] = {}
 
     # -- running ---------------------------------------------------------------------------
 
@@ -108,6 +109,8 @@ class BpfDataPlane:
             self._settings(ready=bool(self.table.vips))
             yield program
         finally:
+            if self._fds:
+                self._final = self.stats()  # what it counted, for a report after it is gone
             self._fds.clear()
             program.close()
 
@@ -123,6 +126,8 @@ class BpfDataPlane:
                     netops.push_undo(f"detach the tc program from {self.interface}",
                                      lambda: libbpf.tc_detach(ifindex, destroy_hook=made))
                 else:
+                    # bpf_fib_lookup (the next hop's MAC) answers only where forwarding is on
+                    netops.set_sysctl(f"net.ipv4.conf.{self.interface}.forwarding", "1")
                     libbpf.xdp_attach(ifindex, prog, native=True)
                     netops.push_undo(f"detach the XDP program from {self.interface}",
                                      lambda: libbpf.xdp_detach(ifindex, native=True))
@@ -249,7 +254,7 @@ class BpfDataPlane:
                                     "fastpath": {"mode": self.mode, "interface": self.interface, "passed_up": {},
                                                  "table_version": self.table.version}}
         if not self._fds:
-            return snapshot
+            return self._final or snapshot
         totals = {name: sum(value[0] for value in self._per_cpu("counters", number, layout.COUNTER))
                   for number, name in enumerate(layout.REASONS)}
         fastpath = snapshot["fastpath"]
