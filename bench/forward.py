@@ -1,6 +1,7 @@
 """How fast does Caplance forward, next to the kernel routing the same load? (root, Linux)
 
     python bench/forward.py [--seconds 5] [--payload 18] [--listener tun] [--conntrack] [--workers 1,2]
+                            [--planes python,tc,xdp] [--upload]
 
 One lab of network namespaces, one UDP load (a C sendmmsg generator in the client namespace,
 many source ports, small packets), offered twice in the same run:
@@ -12,6 +13,16 @@ many source ports, small packets), offered twice in the same run:
 * ``conntrack`` (with ``--conntrack``) -- the same with the flow table on; the bench then
   prints its rate relative to ``caplance`` (the bound: it may cost at most 15%) and the flow
   table's memory per entry (``tracemalloc``, 200,000 flows).
+* ``python``, ``tc``, ``xdp`` (with ``--planes``, default ``python,tc``) -- Caplance with the
+  kernel data plane off, on tc, or on XDP (the ``packet`` listener behind it, and a
+  pass-everything XDP program on the switch's end of the balancer's veth, which native XDP on a
+  veth needs to send). The backends are listed with ``decap = "kernel"`` (they only count, so
+  nothing is unwrapped). The client sends complete checksums (``tx`` offload off), as packets
+  from a NIC have them.
+* ``upload`` (with ``--upload``) -- one TCP stream (iperf3, 4 s) from the client to the VIP,
+  served by iperf3 on the backends (the VIP on their ``lo``, agents unwrapping in the kernel
+  for the ``tc`` row, in user space for ``python``), against the kernel routing the VIP to the
+  backends; with the client's offloads on (TSO, GSO), as a local sender has them.
 * ``workers=N`` (with ``--workers 1,2,...``) -- the same with ``workers = N`` data-plane
   processes (in place of the ``caplance`` row); CPU per packet counts the balancer and all its
   worker processes. The bench prints each count's rate relative to ``workers=1``.
@@ -120,16 +131,18 @@ def kernel_row(lab: Lab, generator: Path, args: argparse.Namespace) -> tuple[flo
 
 
 def caplance_row(lab: Lab, generator: Path, args: argparse.Namespace, *,
-                 conntrack: bool, workers: int = 1) -> tuple[float, float, float, dict]:
-    listener = {"kind": args.listener}
-    if args.listener == "packet":
+                 conntrack: bool, workers: int = 1, plane: str = "python") -> tuple[float, float, float, dict]:
+    kind = "packet" if plane == "xdp" else args.listener
+    listener = {"kind": kind}
+    if kind == "packet":
         listener["interface"] = "eth0"
     config: dict = {
         "listener": listener,
         "drain_idle": 0.2,
         "control_socket": str(lab.workdir / "balancer.sock"),
+        "fastpath": {"mode": "off" if plane == "python" else plane},
         "vips": [{"address": str(VIP4), "protocol": "udp", "backends": [
-            {"name": host.role, "address": str(host.ipv4)} for host in lab.backends]}],
+            {"name": host.role, "address": str(host.ipv4), "decap": "kernel"} for host in lab.backends]}],
     }
     config["conntrack"] = {"enabled": conntrack}
     config["workers"] = workers
@@ -154,14 +167,20 @@ def main() -> int:
     parser.add_argument("--conntrack", action="store_true", help="also measure with connection tracking on")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are printed)")
     parser.add_argument("--workers", default="", help="comma-separated worker counts to measure (say 1,2)")
+    parser.add_argument("--planes", default="python,tc", help="data planes to measure: python, tc, xdp")
+    parser.add_argument("--upload", action="store_true", help="also one TCP upload through the VIP (iperf3)")
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(",") if n]
+    planes = [plane for plane in args.planes.split(",") if plane]
     if os.geteuid() != 0 or not shutil.which("gcc"):
         print("bench/forward.py needs root and gcc", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp, Lab(backends=3) as lab:
         generator = build_generator(Path(tmp))
         tune(lab)
+        lab.run("client", "ethtool", "-K", "eth0", "tx", "off", check=False)  # complete checksums, as from a NIC
+        if "xdp" in planes:
+            lab.xdp_peer("lb")
         for host in lab.backends:  # the backends drop what they get: we count, not serve
             lab.run(host.role, "nft", "-f", "-", input=(
                 "table inet sink {\n chain in {\n type filter hook input priority 0;\n udp dport 7001 drop\n }\n}\n"))
@@ -173,7 +192,8 @@ def main() -> int:
                 for count in counts:
                     row[f"workers={count}"] = caplance_row(lab, generator, args, conntrack=False, workers=count)
             else:
-                row["caplance"] = caplance_row(lab, generator, args, conntrack=False)
+                for plane in planes:
+                    row[plane] = caplance_row(lab, generator, args, conntrack=False, plane=plane)
             if args.conntrack:
                 row["conntrack"] = caplance_row(lab, generator, args, conntrack=True)
             rounds.append(row)
@@ -186,10 +206,14 @@ def main() -> int:
         offered, delivered, cpu = median[name]
         print(f"{name:10} {offered:12.0f} {delivered:14.0f} {cpu * 1e6 if cpu == cpu else 0:11.2f}")
     if args.conntrack and "caplance" not in median:
-        median["caplance"] = median[f"workers={counts[0]}"]
+        median["caplance"] = median[f"workers={counts[0]}" if counts else planes[0]]
     for name in names[1:]:
         print(f"ratio {name}/kernel (delivered): {median[name][1] / median['kernel'][1]:.3f}")
-        print(f"{name} drops (last round): {rounds[-1][name][3].get('dropped', {})}")
+        last = rounds[-1][name][3]
+        print(f"{name} drops (last round): {last.get('dropped', {})}; passed up: "
+              f"{(last.get('fastpath') or {}).get('passed_up', {})}")
+    if args.upload:
+        upload(args)
     if len(counts) > 1:
         first = f"workers={counts[0]}"
         for count in counts[1:]:
@@ -204,6 +228,73 @@ def main() -> int:
         print(f"flow table (last round): {rounds[-1]['conntrack'][3].get('conntrack')}")
         print(f"flow table memory: {flow_table_bytes_per_entry():.0f} bytes per flow")
     return 0
+
+
+def iperf(lab: Lab, seconds: float) -> float:
+    """One TCP stream from the client to the VIP; Gbit/s received."""
+    import json as json_module
+
+    done = lab.run("client", "iperf3", "-c", str(VIP4), "-t", str(seconds), "-J", check=False)
+    try:
+        return float(json_module.loads(done.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
+    except (ValueError, KeyError):
+        return float("nan")
+
+
+def upload(args: argparse.Namespace) -> None:
+    """Upload rows: kernel routing, then Caplance per plane, one TCP stream each, in one lab
+    with the client's offloads on."""
+    if not shutil.which("iperf3"):
+        print("upload: needs iperf3 (apt-get install iperf3)", file=sys.stderr)
+        return
+    results: dict[str, list[float]] = {}
+    with Lab(backends=3) as lab:
+        servers = []
+        for host in lab.backends:
+            lab.run(host.role, "ip", "addr", "add", f"{VIP4}/32", "dev", "lo")
+            lab.sysctl(host.role, "net.ipv4.conf.all.arp_ignore", "1")
+            lab.sysctl(host.role, "net.ipv4.conf.all.arp_announce", "2")
+            servers.append(lab.spawn(host.role, "iperf3", "-s", "-B", str(VIP4), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL))
+        time.sleep(0.5)
+        for _ in range(args.rounds):
+            lab.sysctl("lb", "net.ipv4.ip_forward", "1")
+            hops = [part for host in lab.backends for part in ("nexthop", "via", str(host.ipv4))]
+            lab.run("lb", "ip", "route", "add", f"{VIP4}/32", *hops)
+            results.setdefault("kernel", []).append(iperf(lab, 4))
+            lab.run("lb", "ip", "route", "del", f"{VIP4}/32")
+            lab.sysctl("lb", "net.ipv4.ip_forward", "0")
+            for plane in [p for p in args.planes.split(",") if p in ("python", "tc")]:
+                results.setdefault(plane, []).append(upload_through(lab, plane))
+    print("upload, one TCP stream (Gbit/s, median):")
+    kernel = statistics.median(results["kernel"])
+    for name, values in results.items():
+        value = statistics.median(values)
+        print(f"  {name:8} {value:8.2f}" + ("" if name == "kernel" else f"   ratio {name}/kernel (upload): "
+                                                                     f"{value / kernel:.3f}"))
+
+
+def upload_through(lab: Lab, plane: str) -> float:
+    agents = []
+    for host in lab.backends:
+        config = {"name": host.role, "vips": [str(VIP4)], "balancers": [str(lab.hosts["lb"].ipv4)],
+                  "fastpath": {"mode": "tc" if plane == "tc" else "off"}}
+        agents.append(lab.start(host.role, sys.executable, "-m", "caplance.cli", "--log-level", "warning", "agent",
+                                "--config", lab.write_config(f"upload-{host.role}", config)))
+    config: dict = {
+        "listener": {"kind": "tun"}, "drain_idle": 0.2, "control_socket": str(lab.workdir / "upload.sock"),
+        "fastpath": {"mode": "off" if plane == "python" else plane},
+        "vips": [{"address": str(VIP4), "protocol": "tcp", "backends": [
+            {"name": host.role, "address": str(host.ipv4), "decap": "kernel" if plane == "tc" else "agent"}
+            for host in lab.backends]}],
+    }
+    balancer = lab.start("lb", sys.executable, "-m", "caplance.cli", "--log-level", "warning", "balancer",
+                         "--config", lab.write_config("upload-balancer", config))
+    try:
+        return iperf(lab, 4)
+    finally:
+        for process in (balancer, *agents):
+            lab.stop(process)
 
 
 def flow_table_bytes_per_entry(flows: int = 200_000) -> float:

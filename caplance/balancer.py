@@ -121,6 +121,8 @@ class Balancer:
         self.fastpath = fastpath_for(config, self.listener, own_listener=listener is None)
         self.control.add_consumer(self.dataplane)
         self.control.add_consumer(self.fastpath)
+        if not isinstance(self.fastpath, FastpathOff):
+            self.control.switches["fastpath"] = self.fastpath.set_attached
         self._stop = trio.Event()
 
     def stop(self) -> None:

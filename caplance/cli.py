@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("name", metavar="NAME")
         if action == "drain":
             sub.add_argument("--timeout", type=float, help="seconds (default: the balancer's drain_timeout)")
+    switch = ctl_commands.add_parser("fastpath", help="detach (off) or attach again (on) the kernel data plane",
+                                     description="Detach (off) or attach again (on) the kernel data plane: its"
+                                                 " maps and flow table stay; meanwhile the Python plane forwards.")
+    switch.add_argument("name", metavar="on|off", choices=["on", "off"])
     config = commands.add_parser(
         "config", help="check or show a configuration",
         description="Validate a configuration without starting anything: the file, the CAPLANCE_*"

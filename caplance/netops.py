@@ -283,6 +283,32 @@ class NetOps:
     def _nft(self, script: str, what: str) -> None:
         self._run(["nft", "-f", "-"], script, what, self.nft_table)
 
+    # -- tc programs -----------------------------------------------------------------------
+
+    def attach_tc(self, ifname: str, attach: Callable[[int], object], detach: Callable[[int], None],
+                  destroy_hook: Callable[[int], None]) -> None:
+        """Attach a tc program to ``ifname`` with ``attach(ifindex)`` (a libbpf call); undo
+        detaches it with ``detach(ifindex)`` and, when no other filter is left on the clsact
+        qdisc (one it made, or one only a crashed run of ours used), removes the qdisc with
+        ``destroy_hook(ifindex)``: the interface is left as it was."""
+        index = self.ifindex(ifname)
+        attach(index)
+
+        def undo() -> None:
+            detach(index)
+            if not self.tc_filters(index):
+                destroy_hook(index)
+
+        self.push_undo(f"detach the tc program from {ifname}", undo)
+
+    def tc_filters(self, index: int) -> int:
+        """How many tc filter entries the clsact qdisc of interface ``index`` holds (ingress
+        and egress)."""
+        try:
+            return sum(len(self.ipr.get_filters(index=index, parent=parent)) for parent in (0xFFFFFFF2, 0xFFFFFFF3))
+        except NetlinkError:
+            return 0
+
     # -- GRE devices ---------------------------------------------------------------------
 
     def create_gre(self, ifname: str, *, remote: IPAddress, local: IPAddress | None = None) -> None:

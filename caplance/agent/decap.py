@@ -72,10 +72,9 @@ class KernelDecap:
             if source.version == 4:
                 libbpf.map_update(program.map_fd("balancers"), source.packed, b"\x01")
         self._counters = program.map_fd("decap_counters")
-        ifindex = netops.ifindex(self.interface)
-        made = libbpf.tc_attach(ifindex, program.program_fd("caplance_decap"))
-        netops.push_undo(f"detach the decap program from {self.interface}",
-                         lambda: libbpf.tc_detach(ifindex, destroy_hook=made))
+        prog = program.program_fd("caplance_decap")
+        netops.attach_tc(self.interface, lambda index: libbpf.tc_attach(index, prog), libbpf.tc_detach,
+                         libbpf.tc_hook_destroy)
         netops.push_undo("forget the decap counters", self._forget)
         log.info("kernel decapsulation attached", extra={"interface": self.interface})
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+from collections.abc import Callable
 import logging
 import os
 import socket
@@ -29,7 +30,7 @@ __all__ = ["COMMANDS", "Operator", "format_status", "send_command", "serve_ctl"]
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("status", "pause", "resume", "drain", "deregister")
+COMMANDS = ("status", "pause", "resume", "drain", "deregister", "fastpath")
 _TIMEOUT = 5.0
 #: a status reply lists every backend: allow far more than the control channel's frames
 CTL_MAX_FRAME = 16 * 1024 * 1024
@@ -50,10 +51,20 @@ class Operator(Protocol):
     def set_state(self, name: str, state: State, reason: str, *, drain_timeout: float | None = None,
                   by_operator: bool = False) -> None: ...
 
+    #: switches the composition offers (``fastpath``: on/off): name -> set it, say what it did
+    switches: dict[str, Callable[[bool], str]]
+
 
 def _execute(operator: Operator, command: str, args: list[Any]) -> Any:
     if command == "status":
         return operator.status()
+    if command == "fastpath":
+        switch = operator.switches.get("fastpath")
+        if not args or args[0] not in ("on", "off"):
+            raise CaplanceError("usage: fastpath on|off")
+        if switch is None:
+            raise CaplanceError("this balancer runs no kernel data plane to switch")
+        return switch(args[0] == "on")
     if command not in COMMANDS or not args or not isinstance(args[0], str):
         raise CaplanceError(f"usage: {command} NAME")
     name = args[0]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import trio
@@ -84,6 +84,8 @@ class ControlPlane:
         #: registered agents' sessions: name -> push a message to that agent
         self.sessions: dict[str, Notify] = {}
         self.rebuilds = 0
+        #: switches the composition offers ctl (``fastpath``): name -> set it on or off
+        self.switches: dict[str, Callable[[bool], str]] = {}
         self._builder: TableBuilder = builder or ProcessBuilder()
         self._vips = {vip.address: vip for vip in config.vips}
         self._ids = BackendIds()

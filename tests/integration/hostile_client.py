@@ -14,6 +14,7 @@ import socket
 import struct
 import sys
 import time
+import weakref
 
 from caplance import control_codec as codec
 
@@ -23,14 +24,20 @@ def connect(host: str, port: int) -> socket.socket:
     return sock
 
 
+_decoders: weakref.WeakKeyDictionary[socket.socket, tuple[codec.FrameDecoder, list[dict]]] = (
+    weakref.WeakKeyDictionary())
+
+
 def read_message(sock: socket.socket) -> dict | None:
-    decoder = codec.FrameDecoder()
-    while True:
+    """The next message on ``sock`` (None at its end); messages that arrived together with an
+    earlier one are kept for the next call, not lost."""
+    decoder, ready = _decoders.setdefault(sock, (codec.FrameDecoder(), []))
+    while not ready:
         data = sock.recv(65536)
         if not data:
             return None
-        for msg in decoder.feed(data):
-            return msg
+        ready.extend(decoder.feed(data))
+    return ready.pop(0)
 
 
 def replay(host: str, port: int, secret: bytes) -> dict:

@@ -81,9 +81,13 @@ def start_balancer(lab: Lab, config: dict[str, Any]) -> subprocess.Popen[bytes]:
 
 def start_backend(lab: Lab, name: str, **agent: Any) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
     """The agent and the HTTP server that answers with the backend's name."""
+    return start_backend_agent(lab, name, **agent), lab.start(name, *LAB, "http", "--name", name)
+
+
+def start_backend_agent(lab: Lab, name: str, **agent: Any) -> subprocess.Popen[bytes]:
+    """A backend's agent alone (no registration: the balancer lists it)."""
     config = lab.write_config(name, agent_config(lab, name, **agent))
-    return (lab.start(name, *CAPLANCE, "agent", "--print-stats", "--config", config),
-            lab.start(name, *LAB, "http", "--name", name))
+    return lab.start(name, *CAPLANCE, "agent", "--print-stats", "--config", config)
 
 
 def fetch(lab: Lab, count: int, *, host: str = str(VIP4), timeout: float = 5, body: int = 0,

@@ -106,3 +106,34 @@ def test_two_balancers_with_cold_tables_agree_on_every_flow() -> None:
         assert None not in answers["lb"].values()
         assert set(answers["lb"].values()) == {"be1", "be2", "be3"}
         assert answers["lb"] == answers["lb2"]
+
+
+def test_a_flow_keeps_its_backend_when_the_fast_path_goes_off_and_on(lab4: Lab, both_planes: str) -> None:
+    """Long-lived connections while an operator detaches the kernel program (the Python
+    plane takes over) and attaches it again: none breaks, none moves."""
+    if both_planes == "python":
+        pytest.skip("a switch of the kernel data plane")
+    lab = lab4
+    start_dynamic_balancer(lab, vips=[{"address": str(VIP4), "protocol": "tcp", "ports": [8080]}])
+    for name in ("be1", "be2", "be3"):
+        start_echo_agent(lab, name)
+    wait_for(lambda: active(lab, "be1", "be2", "be3"), what="three backends active")
+    client = lab.spawn("client", *LAB, "streams", "--host", str(VIP4), "--count", "30", "--seconds", "9",
+                       "--interval", "0.1", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(2)
+    seen_before = ctl(lab, "status")["fastpath"]["seen"]
+    assert "off" in ctl(lab, "fastpath", "off")
+    time.sleep(2)
+    during = ctl(lab, "status")
+    assert during["fastpath"]["attached"] == 0
+    python_packets = during["counters"]["packets_in"]
+    assert "on" in ctl(lab, "fastpath", "on")
+    time.sleep(2)
+    after = ctl(lab, "status")
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == 0, err.decode()[-2000:]
+    streams = json.loads(out.decode().splitlines()[-1])
+    assert len(streams) == 30 and all(s["error"] is None and s["chunks"] >= 60 for s in streams), streams[:3]
+    assert after["fastpath"]["attached"] == 1 and after["fastpath"]["seen"] > seen_before  # it had them...
+    assert python_packets > 50  # ...then the Python plane did, on the same backends...
+    assert after["fastpath"]["seen"] - seen_before > 100  # ...then the kernel again

@@ -13,11 +13,13 @@ import pytest
 
 from caplance.lab import Lab
 from caplance.lab.netns import VIP4, VIP6
+from tests.integration import services
 from tests.integration.services import (
     balancer_config,
     expected_backend,
     fetch,
     start_backend,
+    start_backend_agent,
     start_balancer,
 )
 
@@ -212,3 +214,34 @@ def test_demo_cleans_up_on_ctrl_c() -> None:
     _, err = demo.communicate(timeout=60)
     assert demo.returncode != 0
     assert namespaces() == before, err.decode()[-2000:]
+
+
+def attached(lab: Lab, role: str) -> str:
+    """What a host has attached to its interfaces: tc qdiscs and filters, XDP programs."""
+    return "\n".join([lab.run(role, "tc", "qdisc", "show").stdout,
+                      lab.run(role, "tc", "filter", "show", "dev", "eth0", "ingress").stdout,
+                      "".join(line for line in lab.run(role, "ip", "-o", "link", "show").stdout.splitlines(True)
+                              if "xdp" in line)])
+
+
+def test_nothing_stays_attached_after_sigkill_restart_and_ctrl_c(lab: Lab) -> None:
+    services.use_plane("kernel")
+    try:
+        before = {role: attached(lab, role) for role in ("lb", *BACKENDS)}
+        processes = start_all(lab, "tun")
+        assert fetch(lab, 30)["failures"] == []
+        assert attached(lab, "lb") != before["lb"] and attached(lab, "be1") != before["be1"]
+        for process in (processes[-1], processes[0]):  # the balancer and be1's agent, killed
+            process.kill()
+            process.wait()
+        config = balancer_config(lab, listener="tun")
+        balancer = start_balancer(lab, config)  # again, over what the dead one left
+        agent = start_backend_agent(lab, "be1")
+        assert fetch(lab, 30)["failures"] == []
+        for process in (balancer, agent):
+            process.send_signal(signal.SIGINT)  # Ctrl-C
+            assert process.wait(timeout=20) == 0
+        for role in ("lb", "be1"):
+            assert attached(lab, role) == before[role], role
+    finally:
+        services.use_plane("python")

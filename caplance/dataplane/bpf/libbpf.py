@@ -26,7 +26,7 @@ from typing import Any
 from caplance.errors import CaplanceError
 
 __all__ = ["BpfError", "BpfObject", "available", "map_create", "map_delete", "map_lookup", "map_mmap",
-           "map_update", "tc_attach", "tc_detach", "test_run", "xdp_attach", "xdp_detach"]
+           "map_update", "tc_attach", "tc_detach", "tc_hook_destroy", "test_run", "xdp_attach", "xdp_detach"]
 
 BPF_MAP_TYPE_ARRAY = 2
 BPF_F_MMAPABLE = 1 << 10
@@ -239,8 +239,9 @@ def map_mmap(fd: int, size: int) -> mmap.mmap:
 
 
 def tc_attach(ifindex: int, prog_fd: int, *, priority: int = 1, handle: int = 1) -> bool:
-    """Attach a program to ``ifindex``'s clsact ingress (creating the qdisc); True if the
-    qdisc was made here (and so should go on detach)."""
+    """Attach a program to ``ifindex``'s clsact ingress (creating the qdisc if needed;
+    replacing a program a crashed run left under the same handle); True if the qdisc was
+    made here."""
     lib = _load()
     hook = _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex, attach_point=BPF_TC_INGRESS)
     made = lib.bpf_tc_hook_create(ctypes.byref(hook))
@@ -253,18 +254,21 @@ def tc_attach(ifindex: int, prog_fd: int, *, priority: int = 1, handle: int = 1)
     return bool(made == 0)
 
 
-def tc_detach(ifindex: int, *, priority: int = 1, handle: int = 1, destroy_hook: bool = False) -> None:
+def tc_detach(ifindex: int, *, priority: int = 1, handle: int = 1) -> None:
     lib = _load()
     hook = _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex, attach_point=BPF_TC_INGRESS)
     opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), handle=handle, priority=priority)
     result = lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
     if result not in (0, -errno.ENOENT, -errno.ENODEV):
         _check(result, "detach the tc program from", f"ifindex {ifindex}")
-    if destroy_hook:
-        hook.attach_point = BPF_TC_INGRESS | 2  # BPF_TC_EGRESS: both, so the clsact qdisc goes
-        result = lib.bpf_tc_hook_destroy(ctypes.byref(hook))
-        if result not in (0, -errno.ENOENT, -errno.ENODEV, -errno.EINVAL):
-            _check(result, "remove the tc hook from", f"ifindex {ifindex}")
+
+
+def tc_hook_destroy(ifindex: int) -> None:
+    """Remove ``ifindex``'s clsact qdisc (and any filter still on it)."""
+    hook = _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex, attach_point=BPF_TC_INGRESS | 2)  # and egress
+    result = _load().bpf_tc_hook_destroy(ctypes.byref(hook))
+    if result not in (0, -errno.ENOENT, -errno.ENODEV, -errno.EINVAL):
+        _check(result, "remove the tc hook from", f"ifindex {ifindex}")
 
 
 def xdp_attach(ifindex: int, prog_fd: int, *, native: bool) -> None:

@@ -25,7 +25,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,10 @@ class BpfDataPlane:
         self._left_out: set[IPAddress] = set()
         self._cpus = 1
         self._final: dict[str, Any] = {}
+        #: the program is attached (not detached by an operator)
+        self.attached = False
+        self._attach: Callable[[], object] = lambda: None
+        self._detach: Callable[[], None] = lambda: None
 
     # -- running ---------------------------------------------------------------------------
 
@@ -122,25 +126,41 @@ class BpfDataPlane:
                 ifindex = netops.ifindex(self.interface)
                 prog = program.program_fd(f"caplance_{self.mode}")
                 if self.mode == "tc":
-                    made = libbpf.tc_attach(ifindex, prog)
-                    netops.push_undo(f"detach the tc program from {self.interface}",
-                                     lambda: libbpf.tc_detach(ifindex, destroy_hook=made))
+                    self._attach = lambda: libbpf.tc_attach(ifindex, prog)
+                    self._detach = lambda: libbpf.tc_detach(ifindex)
+                    netops.attach_tc(self.interface, lambda index: self._attach(), lambda index: self._detach(),
+                                     libbpf.tc_hook_destroy)
                 else:
                     # bpf_fib_lookup (the next hop's MAC) answers only where forwarding is on
                     netops.set_sysctl(f"net.ipv4.conf.{self.interface}.forwarding", "1")
-                    libbpf.xdp_attach(ifindex, prog, native=True)
-                    netops.push_undo(f"detach the XDP program from {self.interface}",
-                                     lambda: libbpf.xdp_detach(ifindex, native=True))
+                    self._attach = lambda: libbpf.xdp_attach(ifindex, prog, native=True)
+                    self._detach = lambda: libbpf.xdp_detach(ifindex, native=True)
+                    self._attach()
+                    netops.push_undo(f"detach the XDP program from {self.interface}", lambda: self._detach())
+                self.attached = True
                 log.info("kernel data plane attached", extra={"mode": self.mode, "interface": self.interface})
                 try:
                     task_status.started()
                     await trio.sleep_forever()
                 finally:
+                    self.attached = False
                     problems = netops.undo_all()
                     if problems:
                         log.warning("kernel data plane cleanup", extra={"problems": problems})
         finally:
             netops.undo_all()
+
+    def set_attached(self, on: bool) -> str:
+        """Detach the program (the Python plane then gets every packet) or attach it again;
+        the maps and the kernel's flow table stay as they are. What it did, in words."""
+        if not self._fds:
+            raise CaplanceError("the kernel data plane is not running")
+        if on != self.attached:
+            (self._attach if on else self._detach)()
+            self.attached = on
+            log.info("kernel data plane " + ("attached again" if on else "detached by operator"),
+                     extra={"mode": self.mode, "interface": self.interface})
+        return f"fastpath {self.mode} on {self.interface}: {'on' if on else 'off (forwarding in Python)'}"
 
     def apply(self, table: ForwardingTable) -> None:
         """Write ``table`` into the maps (or keep it for :meth:`run` if not loaded yet)."""
@@ -252,7 +272,8 @@ class BpfDataPlane:
         and dropped by the same names), plus ``fastpath``: its mode and what it passed up."""
         snapshot: dict[str, Any] = {"packets_in": 0, "forwarded": {}, "forwarded_bytes": {}, "dropped": {},
                                     "fastpath": {"mode": self.mode, "interface": self.interface, "passed_up": {},
-                                                 "table_version": self.table.version}}
+                                                 "table_version": self.table.version,
+                                                 "attached": int(self.attached)}}
         if not self._fds:
             return self._final or snapshot
         totals = {name: sum(value[0] for value in self._per_cpu("counters", number, layout.COUNTER))
