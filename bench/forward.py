@@ -20,7 +20,8 @@ many source ports, small packets), offered twice in the same run:
   nothing is unwrapped). The client sends complete checksums (``tx`` offload off), as packets
   from a NIC have them.
 * ``upload`` (with ``--upload``) -- one TCP stream (iperf3, 4 s) from the client to the VIP,
-  served by iperf3 on the backends (the VIP on their ``lo``, agents unwrapping in the kernel
+  served by iperf3 on one backend (one: iperf3's control and data connections must reach the
+  same server; the VIP on its ``lo``, agents unwrapping in the kernel
   for the ``tc`` row, in user space for ``python``), against the kernel routing the VIP to the
   backends; with the client's offloads on (TSO, GSO), as a local sender has them.
 * ``workers=N`` (with ``--workers 1,2,...``) -- the same with ``workers = N`` data-plane
@@ -29,7 +30,10 @@ many source ports, small packets), offered twice in the same run:
 
 Printed per row: packets offered per second (what the generator got out), packets per second
 delivered to the backends (their eth0 receive counters), and for Caplance its CPU time per
-forwarded packet (the balancer process's user + system time) and the ratio Caplance/kernel.
+packet -- for ``python``, the balancer process's user + system time per forwarded packet; for
+``tc`` and ``xdp``, the kernel's time in the program per run (``kernel.bpf_stats_enabled``,
+read with ``bpftool``, in an extra one-second run: timing every run slows it) -- and the ratio
+of each row to kernel routing.
 Absolute numbers mean little on a shared 2-core machine; the ratio is measured in one run.
 
 Set-up follows what it takes for the kernel row not to be limited by the generator here:
@@ -153,9 +157,33 @@ def caplance_row(lab: Lab, generator: Path, args: argparse.Namespace, *,
     cpu_before = cpu_seconds(balancer.pid)
     offered, delivered = offer(lab, generator, args.seconds, args.payload, args.ports)
     cpu = cpu_seconds(balancer.pid) - cpu_before
+    if plane != "python":  # the kernel's time in the program per run, in a second run of its own
+        timing = Path("/proc/sys/kernel/bpf_stats_enabled")
+        were = timing.read_text().strip()
+        timing.write_text("1")  # (timing every run costs: not during the throughput run)
+        try:
+            program = program_time(f"caplance_{plane}")
+            offer(lab, generator, 1.0, args.payload, args.ports)
+            spent, runs = (now - then for now, then in zip(program_time(f"caplance_{plane}"), program))
+        finally:
+            timing.write_text(were)
+        stats_cpu = spent / 1e9 / runs if runs else float("nan")
     stats = lab.stop(balancer)
     forwarded = sum(stats.get("forwarded", {}).values())
+    if plane != "python":
+        return offered, delivered, stats_cpu, stats
     return offered, delivered, cpu / forwarded if forwarded else float("nan"), stats
+
+
+def program_time(name: str) -> tuple[int, int]:
+    """(ns spent, runs) of the loaded BPF program ``name`` (kernel.bpf_stats_enabled on)."""
+    import json as json_module
+
+    done = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True, check=False)
+    for prog in json_module.loads(done.stdout or "[]"):
+        if prog.get("name") == name[:15]:
+            return int(prog.get("run_time_ns", 0)), int(prog.get("run_cnt", 0))
+    return 0, 0
 
 
 def main() -> int:
@@ -248,7 +276,7 @@ def upload(args: argparse.Namespace) -> None:
         print("upload: needs iperf3 (apt-get install iperf3)", file=sys.stderr)
         return
     results: dict[str, list[float]] = {}
-    with Lab(backends=3) as lab:
+    with Lab(backends=1) as lab:  # one backend: iperf3's control and data connections must meet
         servers = []
         for host in lab.backends:
             lab.run(host.role, "ip", "addr", "add", f"{VIP4}/32", "dev", "lo")

@@ -111,6 +111,12 @@ class Lab:
             _run(sw + ["link", "add", host.role, "mtu", str(host.mtu), "type", "veth",
                        "peer", "name", "eth0", "mtu", str(host.mtu), "netns", host.netns])
             _run(sw + ["link", "set", host.role, "master", "br0", "up"])
+            # No ICMP redirects: a router (the kernel row of a bench, a fallback route) would
+            # otherwise teach the client to reach the VIP around the balancer for minutes.
+            for name in ("net.ipv4.conf.all.send_redirects", "net.ipv4.conf.default.send_redirects",
+                         "net.ipv4.conf.all.accept_redirects", "net.ipv4.conf.default.accept_redirects",
+                         "net.ipv6.conf.all.accept_redirects", "net.ipv6.conf.default.accept_redirects"):
+                self.sysctl(host.role, name, "0")
             self.sysctl(host.role, "net.ipv6.conf.all.accept_dad", "0")
             self.sysctl(host.role, "net.ipv6.conf.default.accept_dad", "0")
             self.sysctl(host.role, "net.ipv6.conf.eth0.accept_dad", "0")

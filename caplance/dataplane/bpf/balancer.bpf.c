@@ -242,9 +242,10 @@ static __always_inline enum action key_transport(void *data, void *data_end, str
 	return FORWARD; /* the rest of the key stays 0 */
 }
 
-/* Parse the frame up to the flow key. NOT_OURS for anything that is not for a VIP. */
+/* Parse the frame up to the flow key (*meta: the VIP's entry). NOT_OURS for anything that is
+ * not for a VIP. */
 static __always_inline enum action parse(void *data, void *data_end, struct packet *p, struct vip_key *vip,
-					 __u32 *why)
+					 struct vip_meta **meta, __u32 *why)
 {
 	struct ethhdr *eth = data;
 
@@ -258,7 +259,8 @@ static __always_inline enum action parse(void *data, void *data_end, struct pack
 		__builtin_memcpy(vip->addr, &ip->daddr, 4);
 		vip->family = 4;
 		p->version = 4;
-		if (!bpf_map_lookup_elem(&vips, vip))
+		*meta = bpf_map_lookup_elem(&vips, vip);
+		if (!*meta)
 			return NOT_OURS;
 		p->ip_length = bpf_ntohs(ip->tot_len);
 		p->protocol = ip->protocol;
@@ -286,7 +288,8 @@ static __always_inline enum action parse(void *data, void *data_end, struct pack
 		__builtin_memcpy(vip->addr, &ip6->daddr, 16);
 		vip->family = 6;
 		p->version = 6;
-		if (!bpf_map_lookup_elem(&vips, vip))
+		*meta = bpf_map_lookup_elem(&vips, vip);
+		if (!*meta)
 			return NOT_OURS;
 		p->ip_length = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
 		p->protocol = ip6->nexthdr;
@@ -459,22 +462,20 @@ static __always_inline enum action decide(void *data, void *data_end, struct pac
 					  struct backend **chosen, __u32 *backend_id, __u32 *vip_slot)
 {
 	struct vip_key vip = {};
+	struct vip_meta *meta = 0;
 	__u32 zero = 0;
-	struct settings *cfg = bpf_map_lookup_elem(&settings, &zero);
-	enum action action = parse(data, data_end, p, &vip, why);
+	enum action action = parse(data, data_end, p, &vip, &meta, why);
 
-	if (action == NOT_OURS)
+	if (action == NOT_OURS || !meta)
 		return NOT_OURS;
 	count(R_PACKETS_IN);
 	if (action == PASS)
 		return PASS;
+	struct settings *cfg = bpf_map_lookup_elem(&settings, &zero);
 	if (!cfg || !cfg->ready) {
 		*why = R_PASS_NOT_READY;
 		return PASS;
 	}
-	struct vip_meta *meta = bpf_map_lookup_elem(&vips, &vip);
-	if (!meta)
-		return NOT_OURS;
 	if (meta->protocol && p->protocol != meta->protocol && p->protocol != PROTO_ICMP &&
 	    p->protocol != PROTO_ICMPV6) {
 		*why = R_PROTOCOL_NOT_SERVED;
