@@ -19,7 +19,9 @@ Figures, for ``--backends`` equal backends (default 100) and ``--keys`` keys (de
 * select: uhashring ``get_node`` time / ``select`` time over the same keys;
 * build: maglev's table for 1000 backends at size 65537 (the fill itself: ``Maglev.build``
   refuses sizes below 100 x backends, so this calls the module's table function), as a
-  share of the time uhashring takes to build a ring of the same 1000 nodes.
+  share of the time uhashring takes to build a ring of the same 1000 nodes; and every
+  selector for 1000 backends with extreme weights (one at 65535, the others 1), under a
+  second each; and the maglev and rendezvous tables' own balance (rows per backend).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any
 from uhashring import HashRing
 
 from caplance import plugins
+from caplance.config import MAX_WEIGHT
 from caplance.interfaces import Selector
 from caplance.strategies import maglev, sorted_backends
 from caplance.testing import flow_keys
@@ -51,6 +54,7 @@ MOVED_BOUND = {"maglev": 0.015, "ring": 0.0, "rendezvous": 0.0}
 WEIGHT_TOLERANCE = 0.05
 SELECT_SPEEDUP = 5.0
 BUILD_SHARE = 0.25
+SKEWED_BUILD_BOUND = 1.0
 REPEATS = 3
 
 results: list[bool] = []
@@ -145,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures(name, args.backends, keys, timing_keys, uhashring_select)
 
     print("build:")
+    names = [f"backend-{i:03d}" for i in range(args.backends)]
     thousand = [f"backend-{i:04d}" for i in range(1000)]
     items = sorted_backends(dict.fromkeys(thousand, 1))
     table = maglev._table  # the fill without Maglev.build's 100 x backends size rule
@@ -157,6 +162,20 @@ def main(argv: Sequence[str] | None = None) -> int:
            f"<= {BUILD_SHARE:.2f}", share <= BUILD_SHARE)
     legal = best_time(lambda: maglev.Maglev.build(dict.fromkeys(thousand, 1), table_size=100003), 1)
     print(f"  {'  (Maglev.build 1000 @100003, the legal size)':<44} {legal * 1e3:>10.0f} ms")
+    # Any allowed weights: one backend of the largest weight among 999 of weight 1 (the worst
+    # case for weighted turns and for a ring's points), at each selector's default size.
+    skewed = {**dict.fromkeys(thousand, 1), thousand[0]: MAX_WEIGHT}
+    for name in SELECTORS:
+        options = {"table_size": 100003} if name == "maglev" else {}
+        took = best_time(lambda: plugins.build_selector(name, skewed, options), 1)
+        report(f"build {name}, 1000 backends, weights 1 and {MAX_WEIGHT} ({took * 1e3:.0f} ms)",
+               f"{took:.3f} s", f"< {SKEWED_BUILD_BOUND:.1f} s", took < SKEWED_BUILD_BOUND)
+    # The tables' own balance: rows (slots) per backend, no key sampling in it.
+    for name in ("maglev", "rendezvous"):
+        table = build(name, dict.fromkeys(names, 1))
+        rows = Counter(getattr(table, "_table"))
+        share = max(rows.values()) / (sum(rows.values()) / len(rows))
+        print(f"  {'  (' + name + ' table rows per backend, max/mean, ' + str(len(names)) + ')':<44} {share:>12.4f}")
 
     print(f"{sum(results)}/{len(results)} PASS in {time.perf_counter() - start:.0f} s")
     return 0 if all(results) else 1

@@ -75,6 +75,19 @@ def render(status: Mapping[str, Any]) -> str:
     if "worker_restarts" in dataplane:
         lines += _family("caplance_worker_restarts_total", "counter", "Data-plane worker processes restarted.",
                          [({}, dataplane["worker_restarts"])])
+    fastpath = status.get("fastpath") or {}
+    lines += _family("caplance_fastpath_attached", "gauge",
+                     "1 while the kernel data plane's program is attached (its mode in the label).",
+                     [({"mode": fastpath.get("mode", "off")}, int(fastpath.get("attached", 0)))])
+    if "seen" in fastpath:
+        lines += _family("caplance_fastpath_packets_total", "counter", "Packets for a VIP the kernel program saw.",
+                         [({}, fastpath["seen"])])
+        lines += _family("caplance_fastpath_passed_up_total", "counter",
+                         "Packets the kernel program left to the Python data plane, by reason.",
+                         [({"reason": k}, v) for k, v in sorted(fastpath.get("passed_up", {}).items())])
+        lines += _family("caplance_fastpath_flows_not_remembered_total", "counter",
+                         "New flows over the per-CPU rate limit: forwarded, not remembered.",
+                         [({}, fastpath.get("flows_not_remembered", 0))])
     flows = status.get("conntrack")
     if flows:
         lines += _family("caplance_conntrack_flows", "gauge", "Flows in the table.", [({}, flows["size"])])

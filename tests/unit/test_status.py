@@ -20,6 +20,7 @@ def status(**backend: Any) -> dict[str, Any]:
         "conntrack": {"size": 3, "max_flows": 10, "segments": {"new": 1, "tcp": 2, "other": 0, "closing": 0},
                       "hits": 4, "misses": 3, "evictions": {}, "expirations": {}},
         "dataplane": {"workers": 2, "worker_restarts": 1, "table_version": 4},
+        "fastpath": {"mode": "tc", "attached": 1, "seen": 9, "passed_up": {"fragment": 2}, "flows_not_remembered": 0},
     }
 
 
@@ -41,3 +42,5 @@ def test_backend_up_is_one_only_for_an_active_healthy_backend() -> None:
     assert 'caplance_backend_state{backend="be1",state="active"} 0' in paused
     assert "caplance_worker_restarts_total 1" in paused
     assert "caplance_conntrack_flows 3" in paused
+    assert 'caplance_fastpath_attached{mode="tc"} 1' in paused
+    assert 'caplance_fastpath_passed_up_total{reason="fragment"} 2' in paused
