@@ -123,11 +123,17 @@ class Balancer:
         self.control.add_consumer(self.fastpath)
         if not isinstance(self.fastpath, FastpathOff):
             self.control.switches["fastpath"] = self.fastpath.set_attached
+        self.control.switches["stop"] = self._stop_by_operator
         self._stop = trio.Event()
 
     def stop(self) -> None:
-        """Ask :meth:`run` to drain and return. Idempotent; returns at once."""
+        """Ask :meth:`run` to stop gracefully -- withdraw, drain, detach -- and return.
+        Idempotent; returns at once."""
         self._stop.set()
+
+    def _stop_by_operator(self, _: bool) -> str:
+        self.stop()
+        return "balancer stopping: VIPs withdrawn, then draining"
 
     @property
     def draining(self) -> bool:
@@ -159,13 +165,17 @@ class Balancer:
                 await nursery.start(self.dataplane.run)
                 if not isinstance(self.fastpath, FastpathOff):  # the slow path first, then the fast one
                     await nursery.start(self.fastpath.run)
+                self.control.set_forwarding(True)  # now the VIPs may be announced
                 log.info("balancer attached", extra={
                     "vips": [str(v) for v in vips], "listener": self.listener.name,
                     "dataplane": self.dataplane.name, "workers": self.workers, "fastpath": self.fastpath.name})
                 task_status.started()
                 await self._stop.wait()
-                self.control.stop_admitting()
+                self.control.stop_admitting()  # no new flows, and every VIP withdrawn
+                if self.control.announcements.announcer.name != "none":
+                    await trio.sleep(self.config.announce.withdraw_grace)  # the routers move the traffic
                 await self._drain()
+                self.control.set_forwarding(False)
                 nursery.cancel_scope.cancel()
         finally:
             problems = netops.undo_all()

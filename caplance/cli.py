@@ -111,7 +111,7 @@ def show(config: BalancerConfig | AgentConfig, source: str, role: str) -> str:
 def _ctl(args: argparse.Namespace) -> int:
     from caplance.control.ctl import format_status, send_command
 
-    command_args: list[Any] = [] if args.ctl_command == "status" else [args.name]
+    command_args: list[Any] = [] if args.ctl_command in ("status", "drain-balancer") else [args.name]
     if getattr(args, "timeout", None) is not None:
         command_args.append(args.timeout)
     result = trio.run(send_command, args.socket, args.ctl_command, command_args)
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Detach (off) or attach again (on) the kernel data plane: its"
                                                  " maps and flow table stay; meanwhile the Python plane forwards.")
     switch.add_argument("name", metavar="on|off", choices=["on", "off"])
+    ctl_commands.add_parser("drain-balancer", help="stop the balancer gracefully: withdraw, drain, detach",
+                            description="Stop the balancer as SIGTERM does: admit no new flows, withdraw the"
+                                        " VIPs' announcements, wait withdraw_grace, drain, detach.")
     config = commands.add_parser(
         "config", help="check or show a configuration",
         description="Validate a configuration without starting anything: the file, the CAPLANCE_*"

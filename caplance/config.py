@@ -51,6 +51,7 @@ from caplance.configtypes import (
     WorkerCount,
     _doc,
     _each,
+    _endpoints,
     _got,
     _ips,
     _networks,
@@ -90,6 +91,7 @@ __all__ = [
     "HealthCheckConfig",
     "VipConfig",
     "ListenerConfig",
+    "AnnounceConfig",
     "ConntrackConfig",
     "DecapConfig",
     "FastpathConfig",
@@ -223,6 +225,20 @@ class DecapConfig:
 
 
 @attrs.frozen(kw_only=True)
+class AnnounceConfig:
+    """How this balancer announces its VIPs to the routers (a ``caplance.announcers`` plugin)."""
+
+    kind: Name = attrs.field(default=Name("none"), validator=_v(check_name),
+                             metadata=_doc("none, exabgp, bird, or a plugin's name"))
+    min_backends: Count = attrs.field(default=Count(1), validator=_v(check_count),
+                                      metadata=_doc("announce a VIP only while it has this many active backends"))
+    withdraw_grace: Seconds = attrs.field(default=Seconds(2.0), validator=_v(check_seconds),
+                                          metadata=_doc("on stop: seconds between withdrawing and draining"))
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict,
+                                             metadata=_doc("the announcer's options (peers, socket, communities, med)"))
+
+
+@attrs.frozen(kw_only=True)
 class ConntrackConfig:
     """The balancer's flow table (connection tracking)."""
 
@@ -256,6 +272,7 @@ class BalancerConfig:
     workers: WorkerCount = attrs.field(default=1, validator=_v(check_workers),
                                        metadata=_doc('Python data-plane processes; "auto" = one per CPU'))
     fastpath: FastpathConfig = attrs.field(factory=FastpathConfig, metadata=_doc("the kernel data plane"))
+    announce: AnnounceConfig = attrs.field(factory=AnnounceConfig, metadata=_doc("BGP announcements of the VIPs"))
 
     def __attrs_post_init__(self) -> None:
         if not self.vips:
@@ -292,6 +309,9 @@ class AgentConfig:
     vips: tuple[IPAddress, ...] = attrs.field(converter=_ips, metadata=_doc("VIPs this backend serves"))
     balancer: Endpoint | None = attrs.field(default=None, converter=_optional_endpoint,
                                             metadata=_doc('the balancer\'s control address "address:port"'))
+    register_with: tuple[Endpoint, ...] = attrs.field(
+        default=(), converter=_endpoints,
+        metadata=_doc('more balancers\' control addresses to register with (every balancer of the VIPs)'))
     data_address: IPAddress = attrs.field(default=ipaddress.IPv4Address("0.0.0.0"), converter=to_ip,
                                           metadata=_doc("where encapsulated packets arrive (announced to the balancer)"))
     weight: Weight = attrs.field(default=Weight(1), validator=_v(check_weight), metadata=_doc("share of new flows"))
@@ -315,11 +335,16 @@ class AgentConfig:
             raise ValueError("an agent needs at least one VIP")
 
     @property
+    def control_endpoints(self) -> tuple[Endpoint, ...]:
+        """Every balancer to register with: ``balancer``, then ``register_with``."""
+        return ((self.balancer,) if self.balancer is not None else ()) + self.register_with
+
+    @property
     def allowed_sources(self) -> tuple[IPAddress, ...]:
         """Addresses encapsulated packets may come from."""
         if self.balancers:
             return self.balancers
-        return (self.balancer.host,) if self.balancer is not None else ()
+        return tuple(dict.fromkeys(endpoint.host for endpoint in self.control_endpoints))
 
 
 # -- the converter -------------------------------------------------------------------------

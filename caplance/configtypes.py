@@ -166,6 +166,12 @@ def _optional_endpoint(value: object) -> Endpoint | None:
     return None if value is None else Endpoint.parse(value)
 
 
+def _endpoints(values: object) -> tuple[Endpoint, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f'expected a list of "address:port", got {_got(values)}')
+    return tuple(Endpoint.parse(value) for value in values)
+
+
 def _ips(values: object) -> tuple[IPAddress, ...]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ValueError(f"expected a list of IP addresses, got {_got(values)}")

@@ -15,12 +15,13 @@ from typing import Any, cast
 from caplance.errors import PluginError
 from caplance.interfaces import Listener, Selector, SelectorFactory, Transport
 
-__all__ = ["LISTENERS", "SELECTORS", "TRANSPORTS", "available", "build_selector", "check_plugins", "load",
-           "make_listener", "make_transport"]
+__all__ = ["ANNOUNCERS", "LISTENERS", "SELECTORS", "TRANSPORTS", "available", "build_selector", "check_plugins",
+           "load", "make_announcer", "make_listener", "make_transport"]
 
 SELECTORS = "caplance.selectors"
 TRANSPORTS = "caplance.transports"
 LISTENERS = "caplance.listeners"
+ANNOUNCERS = "caplance.announcers"
 
 
 def _entry_points(group: str) -> dict[str, EntryPoint]:
@@ -107,6 +108,16 @@ def make_listener(kind: str, *, interface: str | None = None, device: str | None
     return listener
 
 
+def make_announcer(kind: str, options: Mapping[str, Any]) -> Any:
+    """Load announcer plugin ``kind`` and instantiate it with ``options``. Raises
+    :class:`PluginError` naming the plugin and the problem for bad options."""
+    factory = load(ANNOUNCERS, kind)
+    try:
+        return factory(**dict(options))
+    except (TypeError, ValueError) as exc:
+        raise PluginError(ANNOUNCERS, kind, str(exc)) from exc
+
+
 def check_plugins(config: Any) -> list[tuple[str, str]]:
     """Build every selector and transport a balancer or agent config names, with its
     options, and return the problems as ``(path, message)`` pairs (empty: all fine)."""
@@ -138,6 +149,9 @@ def check_plugins(config: Any) -> list[tuple[str, str]]:
                     backend.transport.name, backend.transport.options)
     if hasattr(config, "transport"):
         attempt("$.transport", make_transport, config.transport.name, config.transport.options)
+    announce = getattr(config, "announce", None)
+    if announce is not None:
+        attempt("$.announce", make_announcer, announce.kind, announce.options)
     listener = getattr(config, "listener", None)
     if listener is not None:
         try:

@@ -33,7 +33,7 @@ import trio
 from caplance import plugins
 from caplance.agent.decap import KernelDecap, decap_unavailable
 from caplance.agent.health import run_local_check
-from caplance.agent.session import run_agent_control
+from caplance.agent.session import Registration
 from caplance.config import AgentConfig
 from caplance.control_codec import probe_token
 from caplance.errors import CaplanceError, MalformedPacket
@@ -74,16 +74,13 @@ class Agent:
         self.stats = AgentStats()
         #: what the local health check last said (reported in heartbeats)
         self.healthy = True
-        #: the state the balancer last told us (None before it told us anything)
-        self.balancer_state: str | None = None
         #: the kernel unwraps our packets (told to the balancer when registering)
         self.kernel_decap = False
         self._decap: KernelDecap | None = None
         self.decap_off_reason: str | None = None
         self._stop = trio.Event()
-        self._left = trio.Event()
-        self._requests_send, self._requests = trio.open_memory_channel[str](8)
-        self._probes_send, self._probes = trio.open_memory_channel[str](8)
+        #: one registration per balancer (``balancer``, then ``register_with``)
+        self.registrations = [Registration(self, endpoint) for endpoint in config.control_endpoints]
 
     def snapshot(self) -> dict[str, Any]:
         """The agent's counters, and the kernel decapsulation's (``fastpath``)."""
@@ -98,15 +95,18 @@ class Agent:
 
     @property
     def left(self) -> bool:
-        """True once deregistered (by us or by the balancer): no more re-registering."""
-        return self._left.is_set()
+        """True once every balancer let us go (deregistered by us or by it): no more
+        re-registering."""
+        return bool(self.registrations) and all(r.left for r in self.registrations)
 
-    def mark_left(self) -> None:
-        self._left.set()
+    @property
+    def balancer_state(self) -> str | None:
+        """The state the (first) balancer last told us; None before it told us anything."""
+        return self.registrations[0].balancer_state if self.registrations else None
 
     def requests(self) -> trio.MemoryReceiveChannel[str]:
-        """State requests for the balancer ("draining", "deregister"), in order."""
-        return self._requests
+        """State requests for the (first) balancer ("draining", "deregister"), in order."""
+        return self.registrations[0].requests()
 
     def _transport(self) -> Transport:
         options = dict(self.config.transport.options)
@@ -151,8 +151,8 @@ class Agent:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pump, source, functools.partial(self._drain, targets, source),
                                    self._receive_error)
-                if self.config.balancer is not None:
-                    nursery.start_soon(run_agent_control, self, self.config.balancer, self._probes)
+                for registration in self.registrations:
+                    nursery.start_soon(registration.run)
                 if self.config.health is not None:
                     nursery.start_soon(run_local_check, self, self.config.health)
                 task_status.started()
@@ -183,17 +183,23 @@ class Agent:
             log.info("kernel decapsulation off; the agent injects", extra={"reason": reason})
 
     async def _leave(self) -> None:
-        """Drain (new flows go elsewhere while ours finish), then deregister."""
-        if self.config.balancer is None or self.left:
+        """Drain with every balancer (new flows go elsewhere while ours finish), then
+        deregister."""
+        staying = [r for r in self.registrations if not r.left]
+        if not staying:
             return
         log.info("agent draining", extra={"agent": self.config.name, "timeout": self.config.drain_timeout})
-        self._requests_send.send_nowait("draining")
+        for registration in staying:
+            registration.request("draining")
         with trio.move_on_after(self.config.drain_timeout):
-            await self._left.wait()
-        if not self.left:
-            self._requests_send.send_nowait("deregister")
-            with trio.move_on_after(2):
-                await self._left.wait()
+            for registration in staying:
+                await registration.wait_left()
+        staying = [r for r in staying if not r.left]
+        for registration in staying:
+            registration.request("deregister")
+        with trio.move_on_after(2):
+            for registration in staying:
+                await registration.wait_left()
 
     def _receive_error(self, exc: OSError) -> None:
         self.stats.dropped["receive_error"] += 1
@@ -222,10 +228,11 @@ class Agent:
             if key[-4:] == _NO_PORTS:  # a data-path probe from the balancer?
                 token = probe_token(inner, key)
                 if token is not None:
-                    try:
-                        self._probes_send.send_nowait(token)
-                    except trio.WouldBlock:
-                        dropped["probe_overflow"] += 1
+                    for registration in self.registrations:  # each balancer waits for its own
+                        try:
+                            registration.probes_send.send_nowait(token)
+                        except trio.WouldBlock:
+                            dropped["probe_overflow"] += 1
                     continue
             inject = targets.get(destination(key))
             if inject is None:

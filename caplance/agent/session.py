@@ -19,7 +19,7 @@ from caplance.config import AgentConfig, Endpoint, to_ip
 from caplance.control.membership import State
 from caplance.framed import LOST, FramedStream, Refused, session_error
 
-__all__ = ["AgentHandle", "run_agent_control"]
+__all__ = ["AgentHandle", "Registration", "run_agent_control"]
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +27,23 @@ HANDSHAKE_TIMEOUT = 5.0
 
 
 class AgentHandle(Protocol):
-    """What the session needs of the agent."""
+    """What the session needs of the agent's registration with one balancer."""
 
-    config: AgentConfig
-    #: what the local health check last said (reported in heartbeats)
-    healthy: bool
     #: the state the balancer last told us
     balancer_state: str | None
-    #: the kernel unwraps our packets
-    kernel_decap: bool
+
+    @property
+    def config(self) -> AgentConfig: ...
+
+    @property
+    def healthy(self) -> bool:
+        """What the local health check last said (reported in heartbeats)."""
+        ...
+
+    @property
+    def kernel_decap(self) -> bool:
+        """The kernel unwraps our packets."""
+        ...
 
     @property
     def left(self) -> bool: ...
@@ -43,6 +51,60 @@ class AgentHandle(Protocol):
     def mark_left(self) -> None: ...
 
     def requests(self) -> trio.MemoryReceiveChannel[str]: ...
+
+
+class _Backend(Protocol):
+    config: AgentConfig
+    healthy: bool
+    kernel_decap: bool
+
+
+class Registration:
+    """The agent's registration with one balancer (an agent registers with each balancer of
+    its VIPs): that balancer's view of us, its own requests and data-path probes."""
+
+    def __init__(self, agent: _Backend, endpoint: Endpoint) -> None:
+        self._agent = agent
+        self.endpoint = endpoint
+        self.balancer_state: str | None = None
+        self._left = trio.Event()
+        self._requests_send, self._requests = trio.open_memory_channel[str](8)
+        self.probes_send, self.probes = trio.open_memory_channel[str](8)
+
+    @property
+    def config(self) -> AgentConfig:
+        return self._agent.config
+
+    @property
+    def healthy(self) -> bool:
+        return self._agent.healthy
+
+    @property
+    def kernel_decap(self) -> bool:
+        return self._agent.kernel_decap
+
+    @property
+    def left(self) -> bool:
+        return self._left.is_set()
+
+    def mark_left(self) -> None:
+        self._left.set()
+
+    async def wait_left(self) -> None:
+        await self._left.wait()
+
+    def requests(self) -> trio.MemoryReceiveChannel[str]:
+        return self._requests
+
+    def request(self, state: str) -> None:
+        """Ask this balancer for ``state`` ("draining") or to let us go ("deregister")."""
+        try:
+            self._requests_send.send_nowait(state)
+        except trio.WouldBlock:
+            log.warning("request not sent: the session is not reading", extra={"request": state})
+
+    async def run(self) -> None:
+        await run_agent_control(self, self.endpoint, self.probes)
 
 
 async def run_agent_control(agent: AgentHandle, endpoint: Endpoint, probes: trio.MemoryReceiveChannel[str]) -> None:

@@ -30,7 +30,7 @@ __all__ = ["COMMANDS", "Operator", "format_status", "send_command", "serve_ctl"]
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("status", "pause", "resume", "drain", "deregister", "fastpath")
+COMMANDS = ("status", "pause", "resume", "drain", "deregister", "fastpath", "drain-balancer")
 _TIMEOUT = 5.0
 #: a status reply lists every backend: allow far more than the control channel's frames
 CTL_MAX_FRAME = 16 * 1024 * 1024
@@ -58,6 +58,8 @@ class Operator(Protocol):
 def _execute(operator: Operator, command: str, args: list[Any]) -> Any:
     if command == "status":
         return operator.status()
+    if command == "drain-balancer":
+        return operator.switches["stop"](True)
     if command == "fastpath":
         switch = operator.switches.get("fastpath")
         if not args or args[0] not in ("on", "off"):

@@ -25,6 +25,7 @@ import trio
 from caplance import control_codec as codec
 from caplance import plugins
 from caplance.config import BalancerConfig, PluginConfig, VipConfig
+from caplance.control.announce import AnnouncementGate, Announcer
 from caplance.control.ctl import serve_ctl
 from caplance.control.health import run_health_checks
 from caplance.control.membership import FORGOTTEN, Member, Membership, State, Transition
@@ -76,7 +77,7 @@ class ControlPlane:
     of those names; ``builder`` builds selectors (default: a child process)."""
 
     def __init__(self, config: BalancerConfig, *, transports: Mapping[str, Transport] | None = None,
-                 builder: TableBuilder | None = None) -> None:
+                 builder: TableBuilder | None = None, announcer: Announcer | None = None) -> None:
         self.config = config
         self.membership = Membership()
         #: control-plane events: registrations, refusals, timeouts, ctl errors
@@ -98,6 +99,11 @@ class ControlPlane:
         self._dirty_event = trio.Event()
         self._rebuilding = False
         self._admitting = True
+        announce = config.announce
+        #: which VIPs to announce, and the announcer that does it
+        self.announcements = AnnouncementGate(
+            announcer or plugins.make_announcer(announce.kind, announce.options), list(self._vips),
+            self.membership, min_backends=announce.min_backends)
         self.membership.subscribe(self._on_change)
         for vip in config.vips:
             for backend in vip.backends:
@@ -119,6 +125,7 @@ class ControlPlane:
         async with trio.open_nursery() as nursery:
             if isinstance(self._builder, ProcessBuilder):
                 await nursery.start(self._builder.run)
+            await nursery.start(self.announcements.announcer.run)
             for address in self._vips:  # a selector that cannot build its static backends is fatal
                 self._choices[address] = await self._build(address)
             self._publish()
@@ -150,10 +157,18 @@ class ControlPlane:
         return self._admitting
 
     def stop_admitting(self) -> None:
-        """Publish a table that admits no new flows (the first step of a graceful stop)."""
+        """Publish a table that admits no new flows and withdraw every VIP (the first steps of a
+        graceful stop)."""
         if self._admitting:
             self._admitting = False
             self._publish()
+            self.announcements.admitting = False
+            self.announcements.update()
+
+    def set_forwarding(self, forwarding: bool) -> None:
+        """Whether the data planes are attached and forwarding (the VIPs may be announced)."""
+        self.announcements.forwarding = forwarding
+        self.announcements.update()
 
     @property
     def rebuild_pending(self) -> bool:
@@ -171,6 +186,7 @@ class ControlPlane:
             "backend": change.name, "from": change.old.value, "to": change.new.value,
             "reason": change.reason})
         self.mark_dirty(change.vips)
+        self.announcements.update()
         notify = self.sessions.get(change.name)
         if notify is None or change.new is change.old or change.name not in self.membership:
             return
@@ -339,4 +355,4 @@ class ControlPlane:
                 "conntrack": conntrack if conntrack is not None else "off",
                 "dataplane": {**dataplane, "table_version": self.table.version,
                               "rebuilds": self.rebuilds, "admitting": self._admitting},
-                "fastpath": fastpath}
+                "fastpath": fastpath, "announcements": self.announcements.status()}

@@ -7,6 +7,11 @@ Layout (every name carries the lab's unique tag, so two labs never collide)::
     lbK    10.77.0.K  ──┼── br0 (in namespace <tag>-sw)      (K = 2..: extra balancers)
     beK    10.77.0.1K ──┘
 
+With ``router=True`` the client sits on a network of its own behind a router, which learns
+the VIPs by BGP from the balancers and spreads them by ECMP (see :mod:`caplance.lab.routing`)::
+
+    client 10.78.0.10 ── br1 ── router 10.78.0.1 / 10.77.0.1 ── br0 ── lb, lbK, beK
+
 IPv6: fd77::10, fd77::2, fd77::1K on the same link. The client routes the VIPs
 (10.99.0.1, fd99::1) via the balancer ``lb`` (:meth:`Lab.route_vips_via` switches). The client's link has MTU ``client_mtu``; the
 balancer's and backends' links have ``backend_mtu`` (headroom for encapsulation).
@@ -47,6 +52,8 @@ class LabHost:
     ipv4: ipaddress.IPv4Address
     ipv6: ipaddress.IPv6Address
     mtu: int
+    #: the switch's bridge its eth0 is on
+    bridge: str = "br0"
 
 
 def _run(argv: Sequence[str], *, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -60,19 +67,25 @@ class Lab:
     """Create with ``with Lab(backends=3) as lab:``; everything is removed on exit."""
 
     def __init__(self, *, backends: int = 3, balancers: int = 1, client_mtu: int = 1500,
-                 backend_mtu: int = 1600, client_offloads: bool = True, tag: str | None = None) -> None:
+                 backend_mtu: int = 1600, client_offloads: bool = True, tag: str | None = None,
+                 router: bool = False) -> None:
         self.tag = tag or "cl" + secrets.token_hex(3)
         self.switch = f"{self.tag}-sw"
         self.client_offloads = client_offloads
+        self.router = router
         self.hosts: dict[str, LabHost] = {}
-        plan = [("client", 10, client_mtu), ("lb", 2, backend_mtu)]
-        plan += [(f"lb{k}", 1 + k, backend_mtu) for k in range(2, balancers + 1)]
-        plan += [(f"be{k}", 10 + k, backend_mtu) for k in range(1, backends + 1)]
-        for role, number, mtu in plan:
+        net = "78" if router else "77"
+        plan = [("client", net, 10, client_mtu), ("lb", "77", 2, backend_mtu)]
+        plan += [(f"lb{k}", "77", 1 + k, backend_mtu) for k in range(2, balancers + 1)]
+        plan += [(f"be{k}", "77", 10 + k, backend_mtu) for k in range(1, backends + 1)]
+        if router:
+            plan.append(("router", "77", 1, backend_mtu))
+        for role, network, number, mtu in plan:
             self.hosts[role] = LabHost(
                 role=role, netns=f"{self.tag}-{role}",
-                ipv4=ipaddress.IPv4Address(f"10.77.0.{number}"),
-                ipv6=ipaddress.IPv6Address(f"fd77::{number}"), mtu=mtu,
+                ipv4=ipaddress.IPv4Address(f"10.{network}.0.{number}"),
+                ipv6=ipaddress.IPv6Address(f"fd{network}::{number}"), mtu=mtu,
+                bridge="br1" if network == "78" else "br0",
             )
         self._created: list[str] = []
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
@@ -87,6 +100,10 @@ class Lab:
     @property
     def backends(self) -> list[LabHost]:
         return [host for role, host in self.hosts.items() if role.startswith("be")]
+
+    @property
+    def balancers(self) -> list[LabHost]:
+        return [host for role, host in self.hosts.items() if role.startswith("lb")]
 
     def __enter__(self) -> Lab:
         try:
@@ -103,14 +120,15 @@ class Lab:
     def create(self) -> None:
         self._add_netns(self.switch)
         sw = ["ip", "-n", self.switch]
-        _run(sw + ["link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])
-        _run(sw + ["link", "set", "br0", "up"])
+        for bridge in ("br0", "br1") if self.router else ("br0",):
+            _run(sw + ["link", "add", bridge, "type", "bridge", "mcast_snooping", "0"])
+            _run(sw + ["link", "set", bridge, "up"])
         for host in self.hosts.values():
             self._add_netns(host.netns)
             ns = ["ip", "-n", host.netns]
             _run(sw + ["link", "add", host.role, "mtu", str(host.mtu), "type", "veth",
                        "peer", "name", "eth0", "mtu", str(host.mtu), "netns", host.netns])
-            _run(sw + ["link", "set", host.role, "master", "br0", "up"])
+            _run(sw + ["link", "set", host.role, "master", host.bridge, "up"])
             # No ICMP redirects: a router (the kernel row of a bench, a fallback route) would
             # otherwise teach the client to reach the VIP around the balancer for minutes.
             for name in ("net.ipv4.conf.all.send_redirects", "net.ipv4.conf.default.send_redirects",
@@ -125,8 +143,13 @@ class Lab:
             _run(ns + ["addr", "add", f"{host.ipv4}/24", "dev", "eth0"])
             _run(ns + ["-6", "addr", "add", f"{host.ipv6}/64", "dev", "eth0", "nodad"])
         client, lb = self.hosts["client"], self.hosts["lb"]
-        _run(["ip", "-n", client.netns, "route", "add", f"{VIP4}/32", "via", str(lb.ipv4)])
-        _run(["ip", "-n", client.netns, "-6", "route", "add", f"{VIP6}/128", "via", str(lb.ipv6)])
+        if self.router:
+            from caplance.lab.routing import connect_router
+
+            connect_router(self)
+        else:
+            _run(["ip", "-n", client.netns, "route", "add", f"{VIP4}/32", "via", str(lb.ipv4)])
+            _run(["ip", "-n", client.netns, "-6", "route", "add", f"{VIP6}/128", "via", str(lb.ipv6)])
         if not self.client_offloads:
             self.run("client", "ethtool", "-K", "eth0", "tso", "off", "gso", "off", "tx", "off")
 

@@ -355,3 +355,21 @@ def test_tc_with_the_packet_listener_fails_the_check(tmp_path: Path) -> None:
     done = caplance("config", "check", path)
     assert done.returncode == 2
     assert problem_lines(done)[0].startswith("@ $: fastpath mode 'tc' cannot work with listener 'packet'")
+
+
+@pytest.mark.parametrize(("announce", "problem"), [
+    ({"kind": "exabgp", "options": {"local_as": 65002}}, "missing 1 required keyword-only argument: 'peers'"),
+    ({"kind": "exabgp", "options": {"local_as": 0, "peers": [{"address": "10.0.0.1", "as": 65001}],
+                                    "router_id": "10.0.0.2"}}, "local_as must be an AS number"),
+    ({"kind": "exabgp", "options": {"local_as": 65002, "peers": [{"address": "nowhere", "as": 65001}]}},
+     "peers[0].address must be an IP address"),
+    ({"kind": "bird", "options": {}}, "missing 1 required keyword-only argument: 'socket'"),
+    ({"kind": "bird", "options": {"socket": "/run/bird.ctl", "table": 999}}, "table must be a routing table"),
+    ({"kind": "carrier-pigeon"}, "not registered"),
+])
+def test_a_bad_announce_table_fails_the_check(tmp_path: Path, announce: dict[str, Any], problem: str) -> None:
+    path = write(tmp_path, {**BALANCER, "announce": announce})
+    done = caplance("config", "check", path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    lines = problem_lines(done)
+    assert len(lines) == 1 and lines[0].startswith("@ $.announce: caplance.announcers plugin") and problem in lines[0], lines

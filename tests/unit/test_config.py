@@ -22,6 +22,7 @@ from caplance.config import (
     AgentConfig,
     BackendConfig,
     BalancerConfig,
+    AnnounceConfig,
     ConntrackConfig,
     DecapConfig,
     Endpoint,
@@ -235,7 +236,7 @@ def test_a_missing_table_starts_from_the_fields_default() -> None:
     ({"CAPLANCE_LISTENR__KIND": "raw"}, "$ (from CAPLANCE_LISTENR__KIND)",
      ('unknown key "listenr" (keys here: vips, listener, conntrack, control, control_socket,'
      " metrics, secret_file, secret, allowed_networks, heartbeat_timeout, proof_timeout,"
-     " drain_timeout, drain_idle, workers, fastpath)")),
+     " drain_timeout, drain_idle, workers, fastpath, announce)")),
     ({"CAPLANCE_LISTENER__KINDX": "raw"}, "$.listener (from CAPLANCE_LISTENER__KINDX)",
      'unknown key "kindx" (keys here: kind, interface, device, options)'),
     ({"CAPLANCE_DRAIN_TIMEOUT__X": "1"}, "$.drain_timeout (from CAPLANCE_DRAIN_TIMEOUT__X)",
@@ -383,6 +384,8 @@ FIELDS: dict[type, dict[str, st.SearchStrategy[Any]]] = {
                         "interval": seconds, "timeout": seconds, "rise": counts, "fall": counts},
     ListenerConfig: {"kind": st.sampled_from(["tun", "raw", "nfqueue"]), "interface": st.none() | ifnames,
                      "device": ifnames, "options": options},
+    AnnounceConfig: {"kind": st.sampled_from(["none", "exabgp", "bird"]), "min_backends": counts,
+                     "withdraw_grace": seconds, "options": options},
     FastpathConfig: {"mode": st.sampled_from(["auto", "tc", "xdp", "off"]), "interface": st.none() | ifnames,
                      "new_flows_per_second": counts},
     DecapConfig: {"mode": st.sampled_from(["auto", "tc", "off"]), "interface": st.none() | ifnames},
@@ -411,6 +414,7 @@ FIELDS[BalancerConfig] = {
     "heartbeat_timeout": seconds, "proof_timeout": seconds, "drain_timeout": seconds, "drain_idle": seconds,
     "workers": st.just("auto") | st.integers(1, 64),
     "fastpath": builds(FastpathConfig, mode=st.sampled_from(["auto", "xdp", "off"])),
+    "announce": builds(AnnounceConfig),
 }
 local_checks = st.one_of(
     builds(LocalCheckConfig, command=st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=3).map(tuple)),
@@ -419,7 +423,7 @@ local_checks = st.one_of(
 )
 FIELDS[AgentConfig] = {
     "name": names, "vips": st.lists(addresses, min_size=1, max_size=3).map(tuple),
-    "balancer": st.none() | endpoints, "data_address": addresses, "weight": st.integers(0, 1000),
+    "balancer": st.none() | endpoints, "register_with": st.lists(endpoints, max_size=2).map(tuple), "data_address": addresses, "weight": st.integers(0, 1000),
     "transport": plugins, "balancers": st.lists(addresses, max_size=2).map(tuple),
     "inject": st.sampled_from(["raw", "tun"]), "vip_interface": ifnames, "tun_device": ifnames,
     "tun_address": addresses, "secret_file": st.none() | st.text(min_size=1, max_size=30), "secret": st.none(),
