@@ -234,6 +234,8 @@ class AnnounceConfig:
                                       metadata=_doc("announce a VIP only while it has this many active backends"))
     withdraw_grace: Seconds = attrs.field(default=Seconds(2.0), validator=_v(check_seconds),
                                           metadata=_doc("on stop: seconds between withdrawing and draining"))
+    settle: Seconds = attrs.field(default=Seconds(3.0), validator=_v(check_seconds),
+                                  metadata=_doc("after start: announce once no backend joined for this long"))
     options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict,
                                              metadata=_doc("the announcer's options (peers, socket, communities, med)"))
 

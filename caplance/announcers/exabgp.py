@@ -8,9 +8,11 @@ route ...`` and reads ExaBGP's acknowledgement of each (``done`` or ``error``) b
 next, so the pipe never fills; ExaBGP's neighbour changes (``neighbor ... up/down``) come
 the same way and show in ``ctl status``.
 
-ExaBGP is told to end when its API process ends (``exabgp.api.terminate``): a balancer that
-dies (SIGKILL included) takes the relay with it, ExaBGP exits, its BGP sessions close, and
-the routers withdraw the VIPs at once -- no route is left pointing at a dead balancer.
+ExaBGP ends when its API process ends: the relay stops it (ExaBGP 5 would go on announcing,
+its ``api.terminate`` is about peer errors only), and it is told not to respawn the relay. A
+balancer that dies (SIGKILL included) closes the relay's socket, the relay stops ExaBGP, its
+BGP sessions close, and the routers withdraw the VIPs at once -- no route is left pointing
+at a dead balancer.
 
 Options (``[announce] options``): ``peers`` (a list of ``{address, as}`` tables, with
 ``local_address``, ``hold_time`` per peer if needed), ``local_as``, ``router_id`` (default:
@@ -103,6 +105,7 @@ class ExabgpAnnouncer:
         self.restarts = 0
         #: the running ExaBGP's process id (None between runs)
         self.pid: int | None = None
+        self._ready = False
 
     def announce(self, vip: IPAddress) -> None:
         self._wanted[vip] = True
@@ -128,7 +131,7 @@ class ExabgpAnnouncer:
         """ExaBGP's configuration: the API process ``relay`` and one neighbour per peer."""
         lines = ["process caplance {", f"    run {' '.join(relay)};", "    encoder text;", "}"]
         for peer in self.peers:
-            families = "ipv4 unicast; ipv6 unicast;"
+            families = "ipv6 unicast;" if ":" in str(peer["address"]) else "ipv4 unicast;"
             lines += [f"neighbor {peer['address']} {{", f"    router-id {self.router_id};",
                       f"    local-as {self.local_as};", f"    peer-as {peer['as']};",
                       f"    hold-time {peer['hold_time']};"]
@@ -141,16 +144,14 @@ class ExabgpAnnouncer:
         """Run ExaBGP until cancelled; one that exits (its VIPs are then withdrawn by the
         routers) is started again and told what to announce. The first start failing is an
         error."""
-        started = False
         while True:
             try:
-                await self._incarnation(None if started else task_status)
+                await self._incarnation(None if self._ready else task_status)
             except CaplanceError as exc:
-                if not started:
+                if not self._ready:
                     raise
                 self.restarts += 1
                 log.error("ExaBGP lost; starting it again", extra={"error": str(exc), "restarts": self.restarts})
-            started = True
             self._sent.clear()  # a new ExaBGP announces nothing until told
             self._neighbours.clear()
             self._wake.set()
@@ -165,8 +166,9 @@ class ExabgpAnnouncer:
             config = Path(workdir) / "exabgp.conf"
             config.write_text(self.configuration([sys.executable, "-m", "caplance.announcers.relay", socket_path]))
             env = {**os.environ, "exabgp.daemon.user": "root", "exabgp.daemon.drop": "false",
-                   "exabgp.api.terminate": "true", "exabgp.api.ack": "true", "exabgp.log.destination": "stderr",
-                   "exabgp.log.level": "WARNING", "exabgp.daemon.daemonize": "false"}
+                   "exabgp.api.ack": "true", "exabgp.api.cli": "false", "exabgp.api.respawn": "false",
+                   "exabgp.log.destination": "stderr", "exabgp.log.level": "ERROR",
+                   "exabgp.daemon.daemonize": "false"}
             try:
                 process = await trio.lowlevel.open_process([self.command, str(config)], env=env,
                                                            stdin=subprocess.DEVNULL)
@@ -181,6 +183,7 @@ class ExabgpAnnouncer:
                 self.pid = process.pid
                 if task_status is not None:
                     task_status.started()
+                    self._ready = True
                 async with trio.open_nursery() as nursery:
                     acks: trio.MemorySendChannel[str]
                     acks, ack_stream = trio.open_memory_channel[str](16)

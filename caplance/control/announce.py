@@ -2,10 +2,13 @@
 
 A VIP is announced only while this balancer can serve it: it is attached and forwarding,
 still admitting new flows (not stopping), and the VIP has at least ``min_backends`` active,
-healthy backends. The :class:`AnnouncementGate` works that out on every membership event and
-on every change of the balancer's own state, and asks the announcer (a ``caplance.announcers``
-plugin: ``exabgp``, ``bird``, ``none``) to announce or withdraw; the announcer does the BGP,
-through a real speaker.
+healthy backends -- and, after a start, only once the backend set has **settled** (no backend
+joined for ``settle`` seconds): a balancer that announced with half its backends back would
+send the flows it takes over from the other balancers to other backends than theirs.
+The :class:`AnnouncementGate` works that out on every membership event and on every change
+of the balancer's own state, and asks the announcer (a ``caplance.announcers`` plugin:
+``exabgp``, ``bird``, ``none``) to announce or withdraw; the announcer does the BGP, through
+a real speaker.
 
 Graceful stop, the scale-out part: stop admitting, **withdraw every VIP**, wait
 ``withdraw_grace`` seconds while the routers move the traffic to the other balancers (which
@@ -84,10 +87,13 @@ class AnnouncementGate:
     """Announces each VIP exactly while this balancer can serve it (see the module docstring)."""
 
     def __init__(self, announcer: Announcer, vips: Iterable[IPAddress], membership: Membership, *,
-                 min_backends: int) -> None:
+                 min_backends: int, settle: float = 0.0) -> None:
         self.announcer = announcer
         self.membership = membership
         self.min_backends = min_backends
+        self.settle = settle
+        #: until when (trio time) the backend set is still settling; None: settled
+        self.settling_until: float | None = None
         self._vips = {vip: _Vip() for vip in vips}
         self.forwarding = False  # attached and forwarding
         self.admitting = True
@@ -104,6 +110,8 @@ class AnnouncementGate:
             active = self.active(vip)
             if not self.forwarding:
                 wanted, reason = False, "not forwarding"
+            elif self.settling_until is not None and not state.announced:
+                wanted, reason = False, "backend set settling after the start"
             elif not self.admitting:
                 wanted, reason = False, "balancer stopping"
             elif active < self.min_backends:
@@ -117,6 +125,21 @@ class AnnouncementGate:
                          extra={"vip": str(vip), "reason": reason, "announcer": self.announcer.name})
                 state.announced, state.since = wanted, time.time()
             state.reason = reason
+
+    def joined(self, now: float) -> None:
+        """A backend joined: while settling, the backend set is not settled yet."""
+        if self.settling_until is not None:
+            self.settling_until = max(self.settling_until, now + self.settle)
+
+    async def run_settling(self) -> None:
+        """From the start of forwarding: wait until ``settle`` seconds pass without a backend
+        joining (at most four times that), then announce what should be."""
+        start = trio.current_time()
+        self.settling_until = start + self.settle
+        while trio.current_time() < min(self.settling_until, start + 4 * self.settle):
+            await trio.sleep_until(min(self.settling_until, start + 4 * self.settle))
+        self.settling_until = None
+        self.update()
 
     @property
     def announced(self) -> list[IPAddress]:

@@ -99,11 +99,12 @@ class ControlPlane:
         self._dirty_event = trio.Event()
         self._rebuilding = False
         self._admitting = True
+        self._nursery: trio.Nursery | None = None
         announce = config.announce
         #: which VIPs to announce, and the announcer that does it
         self.announcements = AnnouncementGate(
             announcer or plugins.make_announcer(announce.kind, announce.options), list(self._vips),
-            self.membership, min_backends=announce.min_backends)
+            self.membership, min_backends=announce.min_backends, settle=announce.settle)
         self.membership.subscribe(self._on_change)
         for vip in config.vips:
             for backend in vip.backends:
@@ -123,6 +124,7 @@ class ControlPlane:
         the first table is out and every listener is bound. Raises
         :class:`~caplance.errors.CaplanceError` when a static configuration cannot be built."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             if isinstance(self._builder, ProcessBuilder):
                 await nursery.start(self._builder.run)
             await nursery.start(self.announcements.announcer.run)
@@ -166,7 +168,10 @@ class ControlPlane:
             self.announcements.update()
 
     def set_forwarding(self, forwarding: bool) -> None:
-        """Whether the data planes are attached and forwarding (the VIPs may be announced)."""
+        """Whether the data planes are attached and forwarding (the VIPs may be announced, once
+        the backend set has settled: see :class:`AnnouncementGate`)."""
+        if forwarding and not self.announcements.forwarding and self._nursery is not None:
+            self._nursery.start_soon(self.announcements.run_settling)
         self.announcements.forwarding = forwarding
         self.announcements.update()
 
@@ -186,6 +191,9 @@ class ControlPlane:
             "backend": change.name, "from": change.old.value, "to": change.new.value,
             "reason": change.reason})
         self.mark_dirty(change.vips)
+        if (change.new is State.ACTIVE and change.old is not State.ACTIVE
+                and self.announcements.settling_until is not None):
+            self.announcements.joined(trio.current_time())
         self.announcements.update()
         notify = self.sessions.get(change.name)
         if notify is None or change.new is change.old or change.name not in self.membership:

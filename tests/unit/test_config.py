@@ -385,7 +385,7 @@ FIELDS: dict[type, dict[str, st.SearchStrategy[Any]]] = {
     ListenerConfig: {"kind": st.sampled_from(["tun", "raw", "nfqueue"]), "interface": st.none() | ifnames,
                      "device": ifnames, "options": options},
     AnnounceConfig: {"kind": st.sampled_from(["none", "exabgp", "bird"]), "min_backends": counts,
-                     "withdraw_grace": seconds, "options": options},
+                     "withdraw_grace": seconds, "settle": seconds, "options": options},
     FastpathConfig: {"mode": st.sampled_from(["auto", "tc", "xdp", "off"]), "interface": st.none() | ifnames,
                      "new_flows_per_second": counts},
     DecapConfig: {"mode": st.sampled_from(["auto", "tc", "off"]), "interface": st.none() | ifnames},
