@@ -8,10 +8,13 @@ BPF_DIR := caplance/dataplane/bpf
 BPF_OBJECTS := $(BPF_DIR)/balancer.bpf.o $(BPF_DIR)/decap.bpf.o caplance/lab/xdp_pass.bpf.o
 BPF_CFLAGS = -O2 -g -Wall -target bpf -I/usr/include/$$(gcc -dumpmachine)
 
-.PHONY: demo test setup debian-packages bpf lint clean
+.PHONY: demo ecmp test setup debian-packages bpf lint clean
 
 demo: setup
 	$(VENV)/bin/python examples/simple_vip.py
+
+ecmp: setup
+	$(VENV)/bin/python examples/ecmp.py
 
 test: setup
 	$(VENV)/bin/mypy caplance

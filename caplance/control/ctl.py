@@ -192,5 +192,11 @@ def format_status(result: dict[str, Any]) -> str:
     for name in ("control", "conntrack", "dataplane", "fastpath"):
         if result.get(name):
             out.append(f"{name}: {result[name]}")
+    announcements = result.get("announcements") or {}
+    for vip, state in (announcements.get("vips") or {}).items():
+        verdict = "announced" if state["announced"] else "not announced"
+        out.append(f"VIP {vip}: {verdict} by {announcements['announcer']} ({state['reason']})")
+    if announcements.get("speaker"):
+        out.append(f"speaker: {announcements['speaker']}")
     out.append(f"as of {time.strftime('%Y-%m-%d %H:%M:%S')}")
     return "\n".join(out)

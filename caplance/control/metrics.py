@@ -88,6 +88,15 @@ def render(status: Mapping[str, Any]) -> str:
         lines += _family("caplance_fastpath_flows_not_remembered_total", "counter",
                          "New flows over the per-CPU rate limit: forwarded, not remembered.",
                          [({}, fastpath.get("flows_not_remembered", 0))])
+    announcements = status.get("announcements") or {}
+    if announcements.get("vips"):
+        lines += _family("caplance_vip_announced", "gauge",
+                         "1 while this balancer announces the VIP (its announcer in the label).",
+                         [({"vip": vip, "announcer": announcements["announcer"]}, int(state["announced"]))
+                          for vip, state in sorted(announcements["vips"].items())])
+        lines += _family("caplance_announcement_changes_total", "counter", "VIP announcements and withdrawals made.",
+                         [({"change": change}, announcements.get(change, 0))
+                          for change in ("announcements", "withdrawals")])
     flows = status.get("conntrack")
     if flows:
         lines += _family("caplance_conntrack_flows", "gauge", "Flows in the table.", [({}, flows["size"])])

@@ -21,6 +21,9 @@ def status(**backend: Any) -> dict[str, Any]:
                       "hits": 4, "misses": 3, "evictions": {}, "expirations": {}},
         "dataplane": {"workers": 2, "worker_restarts": 1, "table_version": 4},
         "fastpath": {"mode": "tc", "attached": 1, "seen": 9, "passed_up": {"fragment": 2}, "flows_not_remembered": 0},
+        "announcements": {"announcer": "bird", "announcements": 3, "withdrawals": 1, "speaker": {},
+                          "vips": {"10.99.0.1": {"announced": True, "reason": "1 active backend(s)", "since": 0.0},
+                                   "10.99.0.2": {"announced": False, "reason": "not forwarding", "since": 0.0}}},
     }
 
 
@@ -30,6 +33,8 @@ def test_status_shows_each_part_once_with_the_address() -> None:
     assert text.count("'hits': 4") == 1
     assert "10.0.0.11" in text.splitlines()[1]
     assert "packets in: 7" in text and "control: {'registrations': 1}" in text
+    assert "VIP 10.99.0.1: announced by bird (1 active backend(s))" in text
+    assert "VIP 10.99.0.2: not announced by bird (not forwarding)" in text
 
 
 def test_backend_up_is_one_only_for_an_active_healthy_backend() -> None:
@@ -44,3 +49,10 @@ def test_backend_up_is_one_only_for_an_active_healthy_backend() -> None:
     assert "caplance_conntrack_flows 3" in paused
     assert 'caplance_fastpath_attached{mode="tc"} 1' in paused
     assert 'caplance_fastpath_passed_up_total{reason="fragment"} 2' in paused
+
+
+def test_metrics_show_each_vips_announcement() -> None:
+    text = render(status())
+    assert 'caplance_vip_announced{vip="10.99.0.1",announcer="bird"} 1' in text
+    assert 'caplance_vip_announced{vip="10.99.0.2",announcer="bird"} 0' in text
+    assert 'caplance_announcement_changes_total{change="withdrawals"} 1' in text
