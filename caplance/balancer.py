@@ -31,6 +31,7 @@ from caplance.dataplane import DataPlane
 from caplance.dataplane.python import PythonDataPlane
 from caplance.interfaces import Listener, Transport
 from caplance.netops import NetOps, default_interface
+from caplance.security import require_control_security
 
 if TYPE_CHECKING:
     from caplance.dataplane.bpf.plane import BpfDataPlane
@@ -156,6 +157,7 @@ class Balancer:
         On cancellation it skips the drain; either way every address, route, rule, device,
         socket and process it made is removed before it returns (cleanup is bounded).
         """
+        require_control_security(self.config)  # ConfigError before anything changes
         netops = NetOps()
         try:
             async with trio.open_nursery() as nursery:

@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     ctl_commands.add_parser("status", help="backends: state, weight, health, packets, bytes, heartbeat")
     for action, what in (("pause", "weight 0: no new flows"), ("resume", "back to its weight"),
                          ("drain", "pause, then deregister after a deadline"),
-                         ("deregister", "remove now (its flows re-hash)")):
+                         ("deregister", "remove now (its flows re-hash)"),
+                         ("release", "free a backend name held by an agent (the next agent to register"
+                                     " under it, from anywhere, gets it)")):
         sub = ctl_commands.add_parser(action, help=what, description=what)
         sub.add_argument("name", metavar="NAME")
         if action == "drain":

@@ -267,6 +267,8 @@ class BalancerConfig:
     secret_file: str | None = attrs.field(default=None, metadata=_doc("file holding the shared secret (or set CAPLANCE_SECRET)"))
     secret: Secret | None = attrs.field(default=None, metadata=_doc("never in the file: from CAPLANCE_SECRET, else secret_file"))
     allowed_networks: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_networks, metadata=_doc("who may register; empty = any"))
+    insecure_control: bool = attrs.field(default=False, metadata=_doc(
+        "run with no or a short secret, or no allowed_networks on a public control address (warns at each start)"))
     heartbeat_timeout: Seconds = attrs.field(default=Seconds(3.0), validator=_v(check_seconds), metadata=_doc("remove a backend silent this long"))
     proof_timeout: Seconds = attrs.field(default=Seconds(2.0), validator=_v(check_seconds), metadata=_doc("time to echo the data-path token"))
     drain_timeout: Seconds = attrs.field(default=Seconds(10.0), validator=_v(check_seconds), metadata=_doc("longest graceful stop"))
@@ -327,6 +329,7 @@ class AgentConfig:
                                          metadata=_doc("inject = tun: its address (loose rp_filter needs one)"))
     secret_file: str | None = attrs.field(default=None, metadata=_doc("file holding the shared secret (or set CAPLANCE_SECRET)"))
     secret: Secret | None = attrs.field(default=None, metadata=_doc("never in the file: from CAPLANCE_SECRET, else secret_file"))
+    insecure_control: bool = attrs.field(default=False, metadata=_doc("register with no secret (warns at each start)"))
     heartbeat_interval: Seconds = attrs.field(default=Seconds(1.0), validator=_v(check_seconds), metadata=_doc("seconds between heartbeats"))
     drain_timeout: Seconds = attrs.field(default=Seconds(10.0), validator=_v(check_seconds), metadata=_doc("on SIGTERM: drain this long, then leave"))
     health: LocalCheckConfig | None = attrs.field(default=None, metadata=_doc("local health check"))

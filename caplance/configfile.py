@@ -34,6 +34,7 @@ from caplance.config import (
 )
 from caplance.configtypes import _got
 from caplance.errors import ConfigError
+from caplance.security import require_control_security
 
 __all__ = ["apply_environment", "load", "load_agent_config", "load_balancer_config", "read_toml",
            "resolve_secret"]
@@ -236,6 +237,8 @@ def load(path: str | Path, cls: type[T], environ: Mapping[str, str] | None = Non
     if attrs.has(cls) and "secret" in attrs.fields_dict(cls):
         secret = resolve_secret(getattr(config, "secret_file", None), environ)
         config = attrs.evolve(config, secret=secret)  # type: ignore[misc]
+    if isinstance(config, (BalancerConfig, AgentConfig)):
+        require_control_security(config)
     return config
 
 

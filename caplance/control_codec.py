@@ -19,7 +19,16 @@ shared secret::
 
 Each side proves it holds the secret over a nonce the other side just drew, so a recorded
 handshake replayed later fails (the nonce it signed is not the one asked for), and the role
-labels keep one side's proof from being reflected as the other's. After ``active``: the agent
+labels keep one side's proof from being reflected as the other's.
+
+Every frame after ``register`` is **sealed** (:class:`Seal`): it carries ``n``, its sequence
+number in its direction (from 0), and ``mac``, an HMAC-SHA256 over the direction's label and
+the rest of the frame under the session key ``MAC(secret, "session", nonce_a, nonce_b)``. A
+frame without a seal, with a wrong MAC (``forged``), an old number (``replayed``) or a number
+ahead of the next one (``out_of_order``) ends the session, as does a connection closed in the
+middle of a frame (``truncated``). The agent seals from ``register`` on, the balancer once the
+register proof checks out; so the one unsealed frame an agent accepts after ``register`` is
+the balancer's ``refused`` to a proof it could not check. After ``active``: the agent
 sends ``heartbeat {seq, healthy}`` and ``state {state}`` / ``deregister``; the balancer may send
 ``state {state}`` when an operator changes it.
 
@@ -52,6 +61,8 @@ __all__ = [
     "mac",
     "verify_mac",
     "registration_fields",
+    "session_key",
+    "Seal",
     "PROBE_MAGIC",
     "probe_packet",
     "probe_token",
@@ -166,6 +177,58 @@ def mac(secret: bytes, label: str, *parts: str) -> str:
 def verify_mac(secret: bytes, proof: str, label: str, *parts: str) -> bool:
     """Constant-time check of a :func:`mac` (any string is safe to pass as ``proof``)."""
     return hmac.compare_digest(mac(secret, label, *parts).encode(), proof.encode("utf-8", "replace"))
+
+
+def session_key(secret: bytes, nonce_a: str, nonce_b: str) -> bytes:
+    """The key that seals a session's frames: both sides' nonces under the secret."""
+    return bytes.fromhex(mac(secret, "session", nonce_a, nonce_b))
+
+
+_PEER = {"agent": "balancer", "balancer": "agent"}
+
+
+class Seal:
+    """Seals the frames one side sends and opens the frames it receives (see the module's
+    docstring). ``side`` is ``"agent"`` or ``"balancer"``; ``early_refusal`` lets an
+    unsealed ``refused`` through as the first frame received (the agent's side)."""
+
+    def __init__(self, key: bytes, side: str, *, early_refusal: bool = False) -> None:
+        self._key = key
+        self._out = side
+        self._in = _PEER[side]
+        self._early_refusal = early_refusal
+        #: frames sealed / opened so far (the next sequence numbers)
+        self.sent = 0
+        self.received = 0
+
+    def seal(self, msg: Mapping[str, Any]) -> dict[str, Any]:
+        sealed = {**msg, "n": self.sent}
+        sealed["mac"] = self._mac(self._out, sealed)
+        self.sent += 1
+        return sealed
+
+    def open(self, msg: Mapping[str, Any]) -> dict[str, Any]:
+        """``msg`` without its seal. Raises :class:`ProtocolError` (``unsealed``, ``forged``,
+        ``replayed``, ``out_of_order``)."""
+        if "mac" not in msg:
+            if self._early_refusal and self.received == 0 and msg.get("type") == "refused":
+                return dict(msg)
+            raise ProtocolError("unsealed", str(msg.get("type"))[:20])
+        proof, number = msg["mac"], msg.get("n")
+        if not isinstance(proof, str) or not isinstance(number, int) or isinstance(number, bool):
+            raise ProtocolError("forged", "no sequence number or MAC")
+        body = {key: value for key, value in msg.items() if key != "mac"}
+        if not hmac.compare_digest(self._mac(self._in, body).encode(), proof.encode("utf-8", "replace")):
+            raise ProtocolError("forged", f"bad MAC on frame {number}")
+        if number != self.received:
+            reason = "replayed" if number < self.received else "out_of_order"
+            raise ProtocolError(reason, f"frame {number}, expected {self.received}")
+        self.received += 1
+        del body["n"]
+        return body
+
+    def _mac(self, label: str, body: Mapping[str, Any]) -> str:
+        return mac(self._key, label, json.dumps(body, sort_keys=True, separators=(",", ":")))
 
 
 def registration_fields(msg: Mapping[str, Any]) -> tuple[str, ...]:

@@ -32,19 +32,31 @@ class FramedStream:
         self._max_frame = max_frame
         self._decoder = codec.FrameDecoder(max_frame)
         self._ready: list[dict[str, Any]] = []
+        #: the seal on this session's frames, once sealed
+        self.sealing: codec.Seal | None = None
+
+    def seal(self, key: bytes, side: str, *, early_refusal: bool = False) -> None:
+        """Seal every frame from now on, both ways (see :class:`codec.Seal`)."""
+        self.sealing = codec.Seal(key, side, early_refusal=early_refusal)
 
     async def send(self, msg: dict[str, Any]) -> None:
+        if self.sealing is not None:
+            msg = self.sealing.seal(msg)
         await self.stream.send_all(codec.encode(msg, self._max_frame))
 
     async def receive(self) -> dict[str, Any]:
-        """The next message. Raises :class:`codec.ProtocolError` on bad input and
-        ``trio.BrokenResourceError`` when the peer closes."""
+        """The next message. Raises :class:`codec.ProtocolError` on bad input (a bad seal, or
+        the connection closed mid-frame: ``truncated``) and ``trio.BrokenResourceError`` when
+        the peer closes."""
         while not self._ready:
             data = await self.stream.receive_some(65536)
             if not data:
+                if self._decoder.pending:
+                    raise codec.ProtocolError("truncated", f"closed with {self._decoder.pending} bytes of a frame")
                 raise trio.BrokenResourceError("connection closed by peer")
             self._ready.extend(self._decoder.feed(data))
-        return self._ready.pop(0)
+        msg = self._ready.pop(0)
+        return msg if self.sealing is None else self.sealing.open(msg)
 
     async def expect(self, kind: str) -> dict[str, Any]:
         """The next message, which must be of type ``kind`` (``refused`` raises :class:`Refused`)."""

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from caplance.lab import Lab, routing
-from caplance.lab.netns import VIP4
+from caplance.lab.netns import LAB_NETWORK4, VIP4
 
 CAPLANCE = [sys.executable, "-m", "caplance.cli", "--log-level", "warning"]
 LAB = [sys.executable, "-m", "caplance.lab"]
@@ -56,6 +56,7 @@ def start_balancer(lab: Lab, role: str, announcer: str, speakers: dict[str, str]
     host = lab.hosts[role]
     config = {
         "control": f"{host.ipv4}:7000", "control_socket": str(lab.workdir / f"{role}.sock"),
+        "allowed_networks": [str(LAB_NETWORK4)],
         "drain_idle": 0.5, "drain_timeout": 5.0, "heartbeat_timeout": 2.0,
         "vips": [{"address": str(VIP4), "protocol": "tcp", "ports": [80, 8080]}],
         "announce": routing.announce_options(lab, role, announcer, socket=speakers.get(role)),

@@ -164,6 +164,7 @@ async def _register_and_serve(agent: AgentHandle, endpoint: Endpoint, framed: Fr
         register["proof"] = codec.mac(secret.value, "agent", challenge["nonce"], nonce_a,
                                       *codec.registration_fields(register))
         await framed.send(register)
+        framed.seal(codec.session_key(secret.value, nonce_a, challenge["nonce"]), "agent", early_refusal=True)
         await framed.expect("welcome")
     while True:  # drop tokens of earlier attempts
         try:

@@ -3,7 +3,8 @@
 The socket is created with mode 0600 in a directory of mode 0700 (root only) and removed on
 stop. One connection carries one ``command`` and gets one ``reply`` (same framing as the
 control channel). Commands: ``status``, ``pause NAME``, ``resume NAME``,
-``drain NAME [SECONDS]``, ``deregister NAME``.
+``drain NAME [SECONDS]``, ``deregister NAME``, ``release NAME`` (free a backend name held by an
+agent), ``fastpath on|off``, ``drain-balancer``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ __all__ = ["COMMANDS", "Operator", "format_status", "send_command", "serve_ctl"]
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("status", "pause", "resume", "drain", "deregister", "fastpath", "drain-balancer")
+COMMANDS = ("status", "pause", "resume", "drain", "deregister", "release", "fastpath", "drain-balancer")
+#: refusals ``format_status`` lists (the newest)
+SHOWN_REFUSALS = 10
 _TIMEOUT = 5.0
 #: a status reply lists every backend: allow far more than the control channel's frames
 CTL_MAX_FRAME = 16 * 1024 * 1024
@@ -54,6 +57,10 @@ class Operator(Protocol):
     #: switches the composition offers (``fastpath``: on/off): name -> set it, say what it did
     switches: dict[str, Callable[[bool], str]]
 
+    def release(self, name: str) -> str:
+        """Free the backend name ``name`` from the agent that holds it."""
+        ...
+
 
 def _execute(operator: Operator, command: str, args: list[Any]) -> Any:
     if command == "status":
@@ -70,6 +77,8 @@ def _execute(operator: Operator, command: str, args: list[Any]) -> Any:
     if command not in COMMANDS or not args or not isinstance(args[0], str):
         raise CaplanceError(f"usage: {command} NAME")
     name = args[0]
+    if command == "release":
+        return operator.release(name)
     if operator.membership.get(name).state is State.REGISTERING:
         raise CaplanceError(f"{name} is still registering (its data path is not proven yet)")
     if command == "pause":
@@ -198,5 +207,10 @@ def format_status(result: dict[str, Any]) -> str:
         out.append(f"VIP {vip}: {verdict} by {announcements['announcer']} ({state['reason']})")
     if announcements.get("speaker"):
         out.append(f"speaker: {announcements['speaker']}")
+    refusals = result.get("refusals") or {}
+    if refusals.get("total"):
+        out.append("refusals: " + ", ".join(f"{reason} {count}" for reason, count in refusals["total"].items()))
+    for seen in (refusals.get("recent") or [])[:SHOWN_REFUSALS]:
+        out.append(f"refused: {seen['address']} {seen['reason']} x{seen['count']} (last {seen['last_seen']}s ago)")
     out.append(f"as of {time.strftime('%Y-%m-%d %H:%M:%S')}")
     return "\n".join(out)

@@ -59,6 +59,10 @@ def render(status: Mapping[str, Any]) -> str:
                      [({"reason": k}, v) for k, v in sorted(snapshot["dropped"].items())])
     lines += _family("caplance_control_events_total", "counter", "Control-plane events, by kind.",
                      [({"event": k}, v) for k, v in sorted(control.items())])
+    refused = (status.get("refusals") or {}).get("total") or {}
+    lines += _family("caplance_registrations_refused_total", "counter",
+                     "Refused or failed agent registrations, by reason.",
+                     [({"reason": k}, v) for k, v in sorted(refused.items())])
     lines += _family("caplance_icmp_too_big_total", "counter", "ICMP too-big errors sent to clients.",
                      [({}, snapshot["icmp_too_big"])])
     lines += _family("caplance_backend_up", "gauge",

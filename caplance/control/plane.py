@@ -28,6 +28,7 @@ from caplance.config import BalancerConfig, PluginConfig, VipConfig
 from caplance.control.announce import AnnouncementGate, Announcer
 from caplance.control.ctl import serve_ctl
 from caplance.control.health import run_health_checks
+from caplance.control.identity import NameBindings, Refusals
 from caplance.control.membership import FORGOTTEN, Member, Membership, State, Transition
 from caplance.control.metrics import serve_metrics
 from caplance.control.rebuild import ProcessBuilder, TableBuilder
@@ -84,6 +85,10 @@ class ControlPlane:
         self.counters: collections.Counter[str] = collections.Counter()
         #: registered agents' sessions: name -> push a message to that agent
         self.sessions: dict[str, Notify] = {}
+        #: backend names bound to the agent that holds them (see :mod:`caplance.control.identity`)
+        self.names = NameBindings()
+        #: refused and failed registrations, by source address and reason
+        self.refusals = Refusals()
         self.rebuilds = 0
         #: switches the composition offers ctl (``fastpath``): name -> set it on or off
         self.switches: dict[str, Callable[[bool], str]] = {}
@@ -186,6 +191,7 @@ class ControlPlane:
         """The control plane's subscriber: one log line, a rebuild, the agent told."""
         if change.reason == FORGOTTEN:
             self._ids.release(change.name)
+            self.names.release(change.name)
             return
         log.info("backend state change", extra={
             "backend": change.name, "from": change.old.value, "to": change.new.value,
@@ -199,6 +205,8 @@ class ControlPlane:
         if notify is None or change.new is change.old or change.name not in self.membership:
             return
         member = self.membership.get(change.name)
+        if change.new is State.GONE and member.leaving:
+            self.names.release(change.name)  # sent away by an operator: the name is free
         if change.new is State.GONE and not member.leaving:
             notify(None)  # lost, not sent away: close the session; the agent may come back
         else:
@@ -226,6 +234,15 @@ class ControlPlane:
         if by_operator and state in (State.DRAINING, State.GONE):
             self.membership.get(name).leaving = True
         self.membership.transition(name, state, now, reason, drain_deadline=deadline)
+
+    def release(self, name: str) -> str:
+        """Unbind ``name`` from the agent that holds it (``caplance ctl release``): the next
+        agent to register under it, from anywhere, gets it. Raises :class:`CaplanceError`."""
+        holder = self.names.get(name)
+        if holder is None or not self.names.release(name):
+            raise CaplanceError(f"{name} is not held by any agent")
+        log.warning("backend name released by operator", extra={"backend": name, "holder": holder.describe()})
+        return f"{name}: released (was held by {holder.describe()})"
 
     def heartbeat(self, name: str, healthy: bool) -> None:
         self.membership.heartbeat(name, trio.current_time(), healthy)
@@ -340,9 +357,11 @@ class ControlPlane:
         sent_bytes = counters.get("forwarded_bytes", {})
         rows = []
         for member in self.membership.members():
+            holder = self.names.get(member.name)
             rows.append({
                 "backend": member.name,
                 "address": str(member.address),
+                "registered_from": None if holder is None else holder.peer,
                 "vips": [str(v) for v in member.vips],
                 "state": member.state.value,
                 "weight": member.weight,
@@ -363,4 +382,5 @@ class ControlPlane:
                 "conntrack": conntrack if conntrack is not None else "off",
                 "dataplane": {**dataplane, "table_version": self.table.version,
                               "rebuilds": self.rebuilds, "admitting": self._admitting},
-                "fastpath": fastpath, "announcements": self.announcements.status()}
+                "fastpath": fastpath, "announcements": self.announcements.status(),
+                "refusals": self.refusals.status(now)}

@@ -20,6 +20,7 @@ import trio
 
 from caplance import control_codec as codec
 from caplance.config import BalancerConfig, PluginConfig, VipConfig, check_name, check_weight, to_ip
+from caplance.control.identity import Holder, NameBindings, Refusals
 from caplance.control.membership import Member, Membership, MembershipError, State
 from caplance.errors import CaplanceError
 from caplance.framed import LOST, FramedStream, Refused, session_error
@@ -48,6 +49,10 @@ class AgentRegistry(Protocol):
     counters: collections.Counter[str]
     #: registered agents' sessions, by backend name
     sessions: dict[str, Notify]
+    #: which name is held from where
+    names: NameBindings
+    #: refused and failed registrations, by source address and reason
+    refusals: Refusals
 
     def vip_config(self, address: IPAddress) -> VipConfig: ...
 
@@ -71,9 +76,17 @@ async def serve_agents(registry: AgentRegistry, netops: NetOps, *,
     await trio.serve_listeners(functools.partial(_session, registry), listeners)
 
 
-async def _refuse(framed: FramedStream, registry: AgentRegistry, reason: str, counter: str) -> None:
+def _note_refusal(registry: AgentRegistry, peer: str, reason: str, detail: str) -> None:
+    """Count a refused or failed registration; log it with its source (rate-limited)."""
+    if registry.refusals.note(peer, reason, trio.current_time()):
+        log.warning("registration refused", extra={
+            "peer": peer, "reason": reason, "detail": detail,
+            "count": registry.refusals.count(peer, reason)})
+
+
+async def _refuse(framed: FramedStream, registry: AgentRegistry, reason: str, counter: str, peer: str) -> None:
     registry.counters["refused_" + counter] += 1
-    log.warning("registration refused", extra={"reason": reason})
+    _note_refusal(registry, peer, counter, reason)
     with trio.move_on_after(1):
         try:
             await framed.send(codec.message("refused", reason=reason))
@@ -95,22 +108,24 @@ async def _session(registry: AgentRegistry, stream: trio.SocketStream) -> None:
     notify: Notify | None = None
     counters = registry.counters
     handshaking = True
+    peer = "?"
     try:
         async with stream:
             peer = stream.socket.getpeername()[0]
             if not _peer_allowed(registry, peer):
-                await _refuse(framed, registry, f"{peer} is not in the allowed networks", "network")
+                await _refuse(framed, registry, f"{peer} is not in the allowed networks", "network", peer)
                 return
             secret = registry.config.secret
             if secret is None:
-                await _refuse(framed, registry, "the balancer has no secret configured", "no_secret")
+                await _refuse(framed, registry, "the balancer has no secret configured", "no_secret", peer)
                 return
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                member = await _handshake(registry, framed, secret.value)
+                registered = await _handshake(registry, framed, secret.value, peer)
             handshaking = False
-            if member is None:
+            if registered is None:
                 return
-            await _prove_data_path(registry, framed, member)
+            member, holder = registered
+            await _prove_data_path(registry, framed, member, holder)
             notify, outbox = _open_session(registry, member)
             await framed.send(codec.message("active"))
             await _serve_member(registry, framed, member, notify, outbox)
@@ -118,15 +133,22 @@ async def _session(registry: AgentRegistry, stream: trio.SocketStream) -> None:
         exc = session_error(raised)
         if isinstance(exc, codec.ProtocolError):
             counters["protocol_" + exc.reason] += 1
-            log.warning("control connection closed: bad message", extra={"error": str(exc)})
+            log.warning("control connection closed: bad message", extra={"peer": peer, "error": str(exc)})
+            if handshaking:
+                _note_refusal(registry, peer, "protocol_" + exc.reason, str(exc))
         elif isinstance(exc, trio.TooSlowError):
             counters["timeout"] += 1
-            log.warning("control connection closed: too slow")
+            log.warning("control connection closed: too slow", extra={"peer": peer})
+            if handshaking:
+                _note_refusal(registry, peer, "handshake_timeout", "no registration in time")
         elif isinstance(exc, Refused):
-            log.warning("control connection closed", extra={"reason": str(exc)})
+            log.warning("control connection closed", extra={"peer": peer, "reason": str(exc)})
         elif isinstance(exc, LOST):
             # An agent that hangs up mid-handshake found our proof wrong: a secret mismatch.
             counters["handshake_abandoned" if handshaking else "connection_lost"] += 1
+            if handshaking:
+                _note_refusal(registry, peer, "handshake_abandoned",
+                              "hung up during the handshake (a wrong secret, most likely)")
         else:
             counters["internal_error"] += 1
             log.error("control session failed", exc_info=exc)
@@ -143,8 +165,10 @@ def _current(registry: AgentRegistry, member: Member) -> bool:
     return member.name in registry.membership and registry.membership.get(member.name) is member
 
 
-async def _handshake(registry: AgentRegistry, framed: FramedStream, secret: bytes) -> Member | None:
-    """hello -> challenge -> register; returns the new member, or None after refusing."""
+async def _handshake(registry: AgentRegistry, framed: FramedStream, secret: bytes,
+                     peer: str) -> tuple[Member, Holder] | None:
+    """hello -> challenge -> register; returns the new member and where it registers from,
+    or None after refusing. Seals the session once the agent's proof checks out."""
     hello = await framed.expect("hello")
     name, nonce_a = hello["name"], hello["nonce"]
     nonce_b = codec.new_nonce()
@@ -152,28 +176,35 @@ async def _handshake(registry: AgentRegistry, framed: FramedStream, secret: byte
                                     proof=codec.mac(secret, "balancer", nonce_a, nonce_b, name)))
     register = await framed.expect("register")
     if register["name"] != name:
-        await _refuse(framed, registry, "name differs from hello", "malformed")
+        await _refuse(framed, registry, "name differs from hello", "malformed", peer)
         return None
     if not codec.verify_mac(secret, register["proof"], "agent", nonce_b, nonce_a,
                             *codec.registration_fields(register)):
-        await _refuse(framed, registry, "authentication failed", "auth")
+        await _refuse(framed, registry, "authentication failed", "auth", peer)
         return None
+    framed.seal(codec.session_key(secret, nonce_a, nonce_b), "balancer")
     try:
         address, vips, transport = _check_registration(registry, register)
         decap = register.get("decap", "agent")
         if decap not in ("agent", "kernel"):
             raise ValueError(f"decap must be agent or kernel, got {str(decap)[:20]!r}")
     except (CaplanceError, ValueError, TypeError, AttributeError) as exc:
-        await _refuse(framed, registry, f"bad registration: {exc}", "malformed")
+        await _refuse(framed, registry, f"bad registration: {exc}", "malformed", peer)
         return None
     if name in registry.membership and registry.membership.get(name).static:
-        await _refuse(framed, registry, f"{name} is a static backend in the config", "name_taken")
+        await _refuse(framed, registry, f"{name} is a static backend in the config", "name_taken", peer)
+        return None
+    holder = Holder(peer=peer, data_address=address, transport=transport)
+    held = registry.names.conflict(name, holder)
+    if held is not None:
+        await _refuse(framed, registry, f"{name} is held by an agent at {held.describe()}; it must leave,"
+                                        f" or an operator run `caplance ctl release {name}`", "name_held", peer)
         return None
     member = Member(name=name, address=address, transport=transport, vips=vips,
                     weight=register["weight"], static=False, kernel_decap=decap == "kernel")
     registry.add_member(member)
     registry.counters["registrations"] += 1
-    return member
+    return member, holder
 
 
 def _check_registration(registry: AgentRegistry,
@@ -198,9 +229,10 @@ def _check_registration(registry: AgentRegistry,
     return address, vips, transport
 
 
-async def _prove_data_path(registry: AgentRegistry, framed: FramedStream, member: Member) -> None:
+async def _prove_data_path(registry: AgentRegistry, framed: FramedStream, member: Member,
+                           holder: Holder) -> None:
     """Send a random token through the real transport (a sender of the session's own, not a
-    data plane's); the agent must echo it in time."""
+    data plane's); the agent must echo it in time. Proven, the name is bound to ``holder``."""
     token = secrets.token_hex(16)
     probe = codec.probe_packet(member.vips[0], token)
     key = flow_key(probe)
@@ -226,12 +258,14 @@ async def _prove_data_path(registry: AgentRegistry, framed: FramedStream, member
     except trio.TooSlowError:
         if _current(registry, member):
             registry.set_state(member.name, State.GONE, "data path proof failed")
-        await _refuse(framed, registry, "data path proof failed: no probe echoed in time", "proof")
+        await _refuse(framed, registry, "data path proof failed: no probe echoed in time", "proof",
+                      holder.peer)
         raise Refused("data path proof failed") from None
     finally:
         sender.close()
     if not _current(registry, member):
         raise Refused("replaced by a newer registration")
+    registry.names.bind(member.name, holder)
     registry.set_state(member.name, State.ACTIVE, "data path proven")
 
 
@@ -288,6 +322,7 @@ async def _serve_member(registry: AgentRegistry, framed: FramedStream, member: M
                     log.warning("agent state request refused", extra={"error": str(exc)})
             elif kind == "deregister":
                 registry.set_state(member.name, State.GONE, "deregistered by the agent")
+                registry.names.release(member.name)
                 nursery.cancel_scope.cancel()
                 return
             else:

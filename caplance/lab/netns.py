@@ -39,10 +39,12 @@ from typing import Any
 import attrs
 import tomli_w
 
-__all__ = ["VIP4", "VIP6", "Lab", "LabHost"]
+__all__ = ["LAB_NETWORK4", "VIP4", "VIP6", "Lab", "LabHost"]
 
 VIP4 = ipaddress.IPv4Address("10.99.0.1")
 VIP6 = ipaddress.IPv6Address("fd99::1")
+#: the lab's IPv4 network of balancers and backends (a balancer's ``allowed_networks``)
+LAB_NETWORK4 = ipaddress.IPv4Network("10.77.0.0/24")
 
 
 @attrs.frozen

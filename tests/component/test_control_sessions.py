@@ -19,7 +19,7 @@ from caplance.framed import FramedStream
 from caplance.control.membership import State
 from caplance.testing import MemoryListener, RecordingTransport
 
-SECRET = b"test secret"
+SECRET = b"a test secret, 32 bytes of it..."
 VIP = ipaddress.ip_address("10.99.0.1")
 
 
@@ -48,13 +48,15 @@ class Rig:
         register["proof"] = codec.mac(SECRET, "agent", challenge["nonce"], nonce_a,
                                       *codec.registration_fields(register))
         await framed.send(register)
+        framed.seal(codec.session_key(SECRET, nonce_a, challenge["nonce"]), "agent", early_refusal=True)
         return await framed.receive()
 
-    async def register(self, name: str = "a") -> FramedStream:
+    async def register(self, name: str = "a", **fields: Any) -> FramedStream:
         """A full registration: echo the probe the balancer sent through the transport."""
         framed = await self.connect()
         already = len(self.transport.sent)
-        assert (await self.handshake(framed, name=name))["type"] == "welcome"
+        answer = await self.handshake(framed, name=name, **fields)
+        assert answer["type"] == "welcome", answer
         while len(self.transport.sent) == already:
             await trio.sleep(0.01)
         _, probe = self.transport.sent[-1]
@@ -152,3 +154,79 @@ async def test_a_replaced_registration_cannot_touch_its_successor(rig: Rig) -> N
     assert rig.balancer.control.membership.get("a") is successor
     assert successor.state is State.ACTIVE  # the old session's request did nothing
     assert "a" in rig.balancer.control.sessions
+
+
+def states_of(rig: Rig, name: str) -> list[State]:
+    """The states ``name`` moves to from now on (filled in as it happens)."""
+    seen: list[State] = []
+    rig.balancer.control.membership.subscribe(
+        lambda change: seen.append(change.new) if change.name == name and change.new is not change.old else None)
+    return seen
+
+
+async def test_a_held_name_is_refused_from_elsewhere_until_released(rig: Rig) -> None:
+    control = rig.balancer.control
+    real = await rig.register("a")
+    member = control.membership.get("a")
+    states = states_of(rig, "a")
+    impostor = await rig.connect()  # same secret, another data address: another host's agent
+    answer = await rig.handshake(impostor, name="a", data_address="10.0.0.3")
+    assert answer["type"] == "refused" and "a is held by an agent at 127.0.0.1 (data 10.0.0.1, udp)" in answer["reason"]
+    assert control.membership.get("a") is member and member.state is State.ACTIVE and states == []
+    assert control.counters["refused_name_held"] == 1
+    status = control.status()
+    assert status["refusals"]["total"] == {"name_held": 1}
+    assert [(r["address"], r["reason"], r["count"]) for r in status["refusals"]["recent"]] == [
+        ("127.0.0.1", "name_held", 1)]
+    assert [(row["backend"], row["address"], row["registered_from"]) for row in status["backends"]] == [
+        ("a", "10.0.0.1", "127.0.0.1")]
+    await real.send(codec.message("heartbeat", seq=1, healthy=True))  # the real one is untouched
+    with trio.fail_after(5):
+        assert (await real.expect("heartbeat"))["seq"] == 1
+    again = await rig.register("a")  # the holder itself may come back as often as it likes
+    assert control.membership.get("a").state is State.ACTIVE
+    assert "released (was held by 127.0.0.1 (data 10.0.0.1, udp))" in control.release("a")
+    await rig.register("a", data_address="10.0.0.3")  # released: the next agent takes it
+    assert str(control.membership.get("a").address) == "10.0.0.3"
+    await again.aclose()
+
+
+async def test_an_agent_that_leaves_frees_its_name(rig: Rig) -> None:
+    framed = await rig.register("a")
+    await framed.send(codec.message("deregister"))
+    with trio.fail_after(5):
+        while "a" in rig.balancer.control.names:
+            await trio.sleep(0.02)
+    await rig.register("a", data_address="10.0.0.3")
+    assert rig.balancer.control.membership.get("a").state is State.ACTIVE
+
+
+@pytest.mark.parametrize("attack", ["unsealed", "forged", "replayed", "out_of_order", "truncated"])
+async def test_a_frame_with_a_bad_seal_closes_the_session_and_is_counted(rig: Rig, attack: str) -> None:
+    """As a hostile party on the path would: inject, forge, replay, reorder or cut frames."""
+    framed = await rig.register("a")
+    seal = framed.sealing
+    assert seal is not None
+    states = states_of(rig, "a")
+    pause = codec.message("state", state="paused")
+    heartbeat = codec.message("heartbeat", seq=1, healthy=True)
+    if attack == "unsealed":
+        frames = [codec.encode(pause)]
+    elif attack == "forged":
+        frames = [codec.encode({**seal.seal(pause), "mac": "0" * 64})]
+    elif attack == "replayed":
+        frames = [codec.encode(seal.seal(heartbeat))] * 2
+    elif attack == "out_of_order":
+        first, second = codec.encode(seal.seal(heartbeat)), codec.encode(seal.seal(pause))
+        frames = [second, first]
+    else:
+        frames = [codec.encode(seal.seal(pause))[:-3]]
+    for frame in frames:
+        await framed.stream.send_all(frame)
+    if attack == "truncated":
+        await framed.stream.send_eof()  # type: ignore[attr-defined]
+    with trio.fail_after(5):
+        while rig.balancer.control.membership.get("a").state is not State.GONE:
+            await trio.sleep(0.02)
+    assert rig.balancer.control.counters["protocol_" + attack] == 1
+    assert states == [State.GONE]  # never paused

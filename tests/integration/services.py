@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from caplance.lab import Lab
-from caplance.lab.netns import VIP4
+from caplance.lab.netns import LAB_NETWORK4, VIP4
 from caplance.packet import Flow
 from caplance.strategies.maglev import Maglev
 
@@ -124,21 +124,24 @@ def secret_env(secret: str = SECRET) -> dict[str, str]:
 def start_dynamic_balancer(lab: Lab, **extra: Any) -> subprocess.Popen[bytes]:
     """A balancer with no static backends, taking agents on its control address."""
     config = balancer_config(lab, backends=())
-    config.update({"control": control_address(lab), "heartbeat_timeout": 2.0, "proof_timeout": 2.0})
+    config.update({"control": control_address(lab), "allowed_networks": [str(LAB_NETWORK4)],
+                   "heartbeat_timeout": 2.0, "proof_timeout": 2.0})
     config.update(extra)
     path = lab.write_config("balancer", config)
     return lab.start("lb", *CAPLANCE, "balancer", "--print-stats", "--config", path, env=secret_env())
 
 
-def start_agent(lab: Lab, name: str, *, secret: str = SECRET, http: bool = True,
+def start_agent(lab: Lab, name: str, *, secret: str = SECRET, http: bool = True, host: str | None = None,
                 **extra: Any) -> subprocess.Popen[bytes]:
-    """An agent that registers with the balancer (and, by default, the HTTP server)."""
+    """An agent that registers with the balancer (and, by default, the HTTP server), on the
+    lab host ``host`` (default: the one called ``name``)."""
+    host = host or name
     config = {"name": name, "vips": [str(VIP4)], "balancer": control_address(lab),
               "heartbeat_interval": 0.3, "drain_timeout": 1.0, "fastpath": agent_fastpath(), **extra}
-    path = lab.write_config(name, config)
+    path = lab.write_config(f"{name}-on-{host}", config)
     if http:  # the service first: once registered, the backend gets connections
-        lab.start(name, *LAB, "http", "--name", name)
-    return lab.start(name, *CAPLANCE, "agent", "--print-stats", "--config", path, env=secret_env(secret))
+        lab.start(host, *LAB, "http", "--name", f"{name}@{host}" if host != name else name)
+    return lab.start(host, *CAPLANCE, "agent", "--print-stats", "--config", path, env=secret_env(secret))
 
 
 def ctl(lab: Lab, *args: str) -> Any:

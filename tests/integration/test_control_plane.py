@@ -54,12 +54,17 @@ def test_a_backend_joins_while_traffic_flows(lab: Lab) -> None:
 def test_wrong_secret_never_gets_traffic(lab: Lab) -> None:
     start_dynamic_balancer(lab)
     start_agent(lab, "be1")
-    intruder = start_agent(lab, "be2", secret="not the secret")
+    intruder = start_agent(lab, "be2", secret="not the secret, though long enough")
     wait_for(lambda: active(lab, "be1"), what="be1 active")
     time.sleep(1.5)  # the intruder keeps retrying meanwhile
-    assert "be2" not in states(lab)
-    # The intruder checks the balancer's proof first, finds it wrong and hangs up.
-    assert ctl(lab, "status")["control"].get("handshake_abandoned", 0) >= 1
+    status = ctl(lab, "status")
+    assert "be2" not in {row["backend"] for row in status["backends"]}
+    # The intruder checks the balancer's proof first, finds it wrong and hangs up; the operator
+    # sees from where.
+    assert status["control"].get("handshake_abandoned", 0) >= 1
+    refused = {(r["address"], r["reason"]): r["count"] for r in status["refusals"]["recent"]}
+    assert refused.get((str(lab.hosts["be2"].ipv4), "handshake_abandoned"), 0) >= 1, refused
+    assert status["refusals"]["total"]["handshake_abandoned"] >= 1
     result = fetch(lab, 60)
     assert result["failures"] == []
     assert set(result["served"]) == {"be1"}
@@ -67,6 +72,31 @@ def test_wrong_secret_never_gets_traffic(lab: Lab) -> None:
     intruder.send_signal(signal.SIGTERM)
     _, err = intruder.communicate(timeout=10)
     assert b"failed to prove it knows the secret" in err
+
+
+def test_an_impostor_under_a_held_name_gets_no_traffic_and_the_real_backend_never_flaps(lab: Lab) -> None:
+    """Another host with the shared secret registers as be1: refused while be1 holds its name."""
+    start_dynamic_balancer(lab)
+    start_agent(lab, "be1")
+    wait_for(lambda: active(lab, "be1"), what="be1 active")
+    impostor = start_agent(lab, "be1", host="be2")
+    be2 = str(lab.hosts["be2"].ipv4)
+    wait_for(lambda: any(r["address"] == be2 and r["reason"] == "name_held"
+                         for r in ctl(lab, "status")["refusals"]["recent"]), what="the impostor refused")
+    result = fetch(lab, 100)
+    time.sleep(1.0)  # the impostor keeps retrying meanwhile
+    status = ctl(lab, "status")
+    assert result["failures"] == []
+    assert set(result["served"]) == {"be1"}  # never "be1@be2"
+    (row,) = status["backends"]
+    assert (row["backend"], row["state"], row["address"], row["registered_from"]) == (
+        "be1", "active", str(lab.hosts["be1"].ipv4), str(lab.hosts["be1"].ipv4))
+    assert status["control"]["registrations"] == 1  # be1 was never replaced
+    assert status["control"]["refused_name_held"] >= 1
+    assert impostor.poll() is None  # refused and retrying, not crashed
+    impostor.send_signal(signal.SIGTERM)
+    _, err = impostor.communicate(timeout=10)
+    assert b"is held by an agent at" in err
 
 
 def test_a_replayed_handshake_is_refused(lab: Lab) -> None:

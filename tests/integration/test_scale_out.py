@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from caplance.lab import Lab, routing
-from caplance.lab.netns import VIP4
+from caplance.lab.netns import LAB_NETWORK4, VIP4
 from tests.integration.services import CAPLANCE, LAB, balancer_config, fetch, secret_env
 
 BACKENDS = ("be1", "be2", "be3")
@@ -53,7 +53,8 @@ class ScaleOut:
         host = self.lab.hosts[role]
         config = balancer_config(self.lab, backends=())
         config["vips"][0]["ports"] = [80, 8080]
-        config.update({"control": f"{host.ipv4}:7000", "heartbeat_timeout": 2.0,
+        config.update({"control": f"{host.ipv4}:7000", "allowed_networks": [str(LAB_NETWORK4)],
+                       "heartbeat_timeout": 2.0,
                        "control_socket": str(self.lab.workdir / f"{role}.sock"),
                        "announce": routing.announce_options(self.lab, role, self.kind,
                                                             socket=self.speakers.get(role))})

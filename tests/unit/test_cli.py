@@ -32,6 +32,7 @@ from .test_selectors import example_plugin  # noqa: F401 - the fixture that inst
 
 BALANCER: dict[str, Any] = {
     "control": "10.0.0.2:7000",
+    "allowed_networks": ["10.0.0.0/24"],
     "listener": {"kind": "tun"},
     "vips": [
         {"address": "10.99.0.1", "ports": [80], "backends": [
@@ -42,7 +43,7 @@ BALANCER: dict[str, Any] = {
     ],
 }
 AGENT: dict[str, Any] = {"name": "be1", "vips": ["10.99.0.1"], "balancer": "10.0.0.2:7000"}
-SECRET = "hunter2-0d8f1c"
+SECRET = "hunter2-0d8f1c-5a9e7b"
 FILE_SECRET = "file-secret-77a1e3"
 
 
@@ -52,10 +53,13 @@ def write(tmp_path: Path, data: dict[str, Any] | str, name: str = "caplance.toml
     return path
 
 
-def caplance(*args: str | Path, env: dict[str, str] | None = None,
-             entry_point: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run the command with a clean environment (no CAPLANCE_* from the caller) plus ``env``."""
+def caplance(*args: str | Path, env: dict[str, str] | None = None, entry_point: bool = False,
+             secret: str | None = SECRET) -> subprocess.CompletedProcess[str]:
+    """Run the command with a clean environment (no CAPLANCE_* from the caller) plus
+    ``CAPLANCE_SECRET=secret`` (None: no secret) and ``env``."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CAPLANCE_")}
+    if secret is not None:
+        environ["CAPLANCE_SECRET"] = secret
     environ.update(env or {})
     command = ([str(Path(sys.executable).with_name("caplance"))] if entry_point
                else [sys.executable, "-m", "caplance.cli"])
@@ -213,7 +217,7 @@ def test_show_never_prints_the_secret_files_contents(tmp_path: Path) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_text(FILE_SECRET + "\n")
     path = write(tmp_path, {**AGENT, "secret_file": str(secret_file)})
-    done = caplance("config", "show", path)
+    done = caplance("config", "show", path, secret=None)
     assert done.returncode == 0, done.stderr
     assert FILE_SECRET not in done.stdout + done.stderr
     assert f'# secret = "***"  (from secret_file {secret_file}; never shown)' in done.stdout.splitlines()
@@ -221,8 +225,40 @@ def test_show_never_prints_the_secret_files_contents(tmp_path: Path) -> None:
 
 
 def test_show_says_when_there_is_no_secret(tmp_path: Path) -> None:
-    done = caplance("config", "show", write(tmp_path, AGENT))
+    done = caplance("config", "show", write(tmp_path, {**AGENT, "insecure_control": True}), secret=None)
     assert "# secret: none (set CAPLANCE_SECRET or secret_file)" in done.stdout.splitlines()
+    assert "insecure control channel" in done.stderr  # warned, at every start and check
+
+
+@pytest.mark.parametrize(("data", "secret", "expected"), [
+    (BALANCER, None, ["@ $.secret_file: control listens on 10.0.0.2:7000, but no secret is set (secret_file or"
+                      " CAPLANCE_SECRET): every registration would be refused; set insecure_control = true"
+                      " to run like this anyway"]),
+    (AGENT, None, ["@ $.secret_file: the agent registers with a balancer, but no secret is set (secret_file or"
+                   " CAPLANCE_SECRET): every registration would be refused; set insecure_control = true to"
+                   " run like this anyway"]),
+    (BALANCER, "fifteen bytes!!", ["@ $.secret_file: the secret is 15 bytes; at least 16 are needed (e.g."
+                                   " `openssl rand -hex 32`); set insecure_control = true to run like this"
+                                   " anyway"]),
+    ({key: value for key, value in BALANCER.items() if key != "allowed_networks"}, SECRET,
+     ["@ $.allowed_networks: control listens on 10.0.0.2, not on loopback, and allowed_networks is empty:"
+      " anyone who can reach it may try to register; list the agents' networks; set insecure_control ="
+      " true to run like this anyway"]),
+], ids=["balancer-no-secret", "agent-no-secret", "short-secret", "public-without-networks"])
+def test_an_unsafe_control_channel_is_a_config_error(tmp_path: Path, data: dict[str, Any], secret: str | None,
+                                                     expected: list[str]) -> None:
+    path = write(tmp_path, data)
+    assert_invalid(caplance("config", "check", path, secret=secret), path, expected)
+    done = caplance("config", "check", write(tmp_path, {**data, "insecure_control": True}, "insecure.toml"),
+                    secret=secret)
+    assert done.returncode == 0, done.stderr
+    assert "insecure control channel" in done.stderr
+
+
+def test_a_loopback_control_needs_no_allowed_networks(tmp_path: Path) -> None:
+    data = {**{k: v for k, v in BALANCER.items() if k != "allowed_networks"}, "control": "127.0.0.1:7000"}
+    done = caplance("config", "check", write(tmp_path, data))
+    assert (done.returncode, done.stderr) == (0, "")
 
 
 @pytest.mark.parametrize(("data", "loader"), [(BALANCER, load_balancer_config), (AGENT, load_agent_config)])
@@ -232,8 +268,9 @@ def test_show_output_loads_back_to_the_same_config(tmp_path: Path, data: dict[st
     done = caplance("config", "show", path, env=env)
     assert done.returncode == 0, done.stderr
     again = write(tmp_path, done.stdout, "shown.toml")
-    assert loader(again, {}) == loader(path, env)
-    assert loader(again, {}) != loader(path, {})  # the environment was applied
+    secret = {"CAPLANCE_SECRET": SECRET}
+    assert loader(again, secret) == loader(path, {**env, **secret})
+    assert loader(again, secret) != loader(path, secret)  # the environment was applied
 
 
 def test_show_of_a_bad_config_prints_no_config(tmp_path: Path) -> None:

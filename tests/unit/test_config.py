@@ -235,7 +235,7 @@ def test_a_missing_table_starts_from_the_fields_default() -> None:
 @pytest.mark.parametrize(("variables", "path", "message"), [
     ({"CAPLANCE_LISTENR__KIND": "raw"}, "$ (from CAPLANCE_LISTENR__KIND)",
      ('unknown key "listenr" (keys here: vips, listener, conntrack, control, control_socket,'
-     " metrics, secret_file, secret, allowed_networks, heartbeat_timeout, proof_timeout,"
+     " metrics, secret_file, secret, allowed_networks, insecure_control, heartbeat_timeout, proof_timeout,"
      " drain_timeout, drain_idle, workers, fastpath, announce)")),
     ({"CAPLANCE_LISTENER__KINDX": "raw"}, "$.listener (from CAPLANCE_LISTENER__KINDX)",
      'unknown key "kindx" (keys here: kind, interface, device, options)'),
@@ -411,6 +411,7 @@ FIELDS[BalancerConfig] = {
     "control": st.none() | endpoints, "control_socket": st.text(min_size=1, max_size=30),
     "metrics": st.none() | endpoints, "secret_file": st.none() | st.text(min_size=1, max_size=30),
     "secret": st.none(), "allowed_networks": st.lists(networks, max_size=3).map(tuple),
+    "insecure_control": st.booleans(),
     "heartbeat_timeout": seconds, "proof_timeout": seconds, "drain_timeout": seconds, "drain_idle": seconds,
     "workers": st.just("auto") | st.integers(1, 64),
     "fastpath": builds(FastpathConfig, mode=st.sampled_from(["auto", "xdp", "off"])),
@@ -427,7 +428,7 @@ FIELDS[AgentConfig] = {
     "transport": plugins, "balancers": st.lists(addresses, max_size=2).map(tuple),
     "inject": st.sampled_from(["raw", "tun"]), "vip_interface": ifnames, "tun_device": ifnames,
     "tun_address": addresses, "secret_file": st.none() | st.text(min_size=1, max_size=30), "secret": st.none(),
-    "heartbeat_interval": seconds, "drain_timeout": seconds, "health": st.none() | local_checks,
+    "insecure_control": st.booleans(), "heartbeat_interval": seconds, "drain_timeout": seconds, "health": st.none() | local_checks,
     "fastpath": builds(DecapConfig),
 }
 

@@ -138,3 +138,88 @@ def test_absurd_integers_and_odd_proofs_are_protocol_errors_or_false() -> None:
         list(codec.FrameDecoder().feed(struct.pack("!I", len(body)) + body))
     assert codec.verify_mac(SECRET, "\u00e9" * 64, "agent", "x") is False
     assert codec.verify_mac(SECRET, "\ud800", "agent", "x") is False  # a lone surrogate
+
+
+# -- sealed frames -----------------------------------------------------------------------------
+
+KEY = codec.session_key(b"a shared secret of 32 bytes, yes", "a" * 32, "b" * 32)
+
+
+def pair() -> tuple[codec.Seal, codec.Seal]:
+    """An agent's seal and the balancer's, over one session key."""
+    return codec.Seal(KEY, "agent", early_refusal=True), codec.Seal(KEY, "balancer")
+
+
+def through(msg: dict[str, object]) -> dict[str, object]:
+    """``msg`` as the other side decodes it: encoded and decoded."""
+    return next(codec.FrameDecoder().feed(codec.encode(msg)))
+
+
+def test_the_session_key_depends_on_the_secret_and_both_nonces() -> None:
+    keys = {codec.session_key(secret, a, b) for secret, a, b in [
+        (b"one secret", "n1", "n2"), (b"two secret", "n1", "n2"), (b"one secret", "n3", "n2"),
+        (b"one secret", "n1", "n3"), (b"one secret", "n2", "n1")]}
+    assert len(keys) == 5 and all(len(key) == 32 for key in keys)
+
+
+def test_sealed_frames_open_in_order_in_both_directions() -> None:
+    agent, balancer = pair()
+    for seq in range(3):
+        sent = codec.message("heartbeat", seq=seq, healthy=True)
+        assert balancer.open(through(agent.seal(sent))) == sent
+        echo = codec.message("heartbeat", seq=seq, healthy=True)
+        assert agent.open(through(balancer.seal(echo))) == echo
+    assert (agent.sent, agent.received, balancer.sent, balancer.received) == (3, 3, 3, 3)
+
+
+@pytest.mark.parametrize(("attack", "reason"), [
+    ("unsealed", "unsealed"), ("tampered", "forged"), ("bad_mac", "forged"), ("no_number", "forged"),
+    ("reflected", "forged"), ("other_key", "forged"), ("replayed", "replayed"), ("skipped", "out_of_order"),
+])
+def test_a_bad_seal_is_a_protocol_error(attack: str, reason: str) -> None:
+    agent, balancer = pair()
+    state = codec.message("state", state="draining")
+    first = agent.seal(codec.message("heartbeat", seq=1, healthy=True))
+    balancer.open(through(first))
+    frame: dict[str, object] = {
+        "unsealed": state,
+        "tampered": {**agent.seal(codec.message("state", state="active")), "state": "paused"},
+        "bad_mac": {**agent.seal(state), "mac": "0" * 64},
+        "no_number": {key: value for key, value in agent.seal(state).items() if key != "n"},
+        "reflected": balancer.seal(state),  # the balancer's own frame sent back to it
+        "other_key": codec.Seal(codec.session_key(b"x" * 32, "a", "b"), "agent").seal(state) | {"n": 1},
+        "replayed": first,
+        "skipped": (agent.seal(state), agent.seal(state))[1],
+    }[attack]
+    with pytest.raises(codec.ProtocolError) as raised:
+        balancer.open(through(frame))
+    assert raised.value.reason == reason
+
+
+def test_only_the_agent_takes_an_unsealed_refusal_and_only_first() -> None:
+    agent, balancer = pair()
+    refusal = codec.message("refused", reason="authentication failed")
+    assert agent.open(through(refusal)) == refusal
+    with pytest.raises(codec.ProtocolError, match="unsealed"):
+        balancer.open(through(refusal))
+    agent, balancer = pair()
+    agent.open(through(balancer.seal(codec.message("welcome"))))
+    with pytest.raises(codec.ProtocolError, match="unsealed"):
+        agent.open(through(refusal))  # once sealed frames came, an unsealed one is injected
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(field=st.sampled_from(["type", "state", "n", "mac", "v"]),
+       value=st.one_of(st.text(max_size=8), st.integers(-3, 3), st.booleans(), st.none()))
+def test_any_change_to_a_sealed_frame_is_caught(field: str, value: object) -> None:
+    agent, balancer = pair()
+    sealed = agent.seal(codec.message("state", state="paused"))
+    if sealed[field] == value and type(sealed[field]) is type(value):
+        return
+    changed = {**sealed, field: value}
+    try:
+        decoded = through(changed)
+    except codec.ProtocolError:
+        return  # the codec already refuses it
+    with pytest.raises(codec.ProtocolError):
+        balancer.open(decoded)

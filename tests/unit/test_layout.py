@@ -15,7 +15,8 @@ PURE = [
     "caplance.forwarding", "caplance.interfaces", "caplance.encapsulation", "caplance.conntrack",
     "caplance.control_codec", "caplance.plugins", "caplance.strategies", "caplance.strategies.maglev",
     "caplance.strategies.ring", "caplance.strategies.rendezvous", "caplance.control.membership",
-    "caplance.dataplane", "caplance.dataplane.stats", "caplance.listeners",
+    "caplance.dataplane", "caplance.dataplane.stats", "caplance.listeners", "caplance.security",
+    "caplance.control.identity",
 ]
 FORBIDDEN = {"trio", "socket", "pyroute2", "pytun", "subprocess", "select", "selectors", "fcntl"}
 MAX_LINES = 520

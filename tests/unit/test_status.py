@@ -24,6 +24,9 @@ def status(**backend: Any) -> dict[str, Any]:
         "announcements": {"announcer": "bird", "announcements": 3, "withdrawals": 1, "speaker": {},
                           "vips": {"10.99.0.1": {"announced": True, "reason": "1 active backend(s)", "since": 0.0},
                                    "10.99.0.2": {"announced": False, "reason": "not forwarding", "since": 0.0}}},
+        "refusals": {"recent": [{"address": "10.77.0.3", "reason": "name_held", "count": 21, "last_seen": 0.5},
+                                {"address": "10.77.0.9", "reason": "auth", "count": 1, "last_seen": 30.0}],
+                     "total": {"auth": 1, "name_held": 21}},
     }
 
 
@@ -56,3 +59,15 @@ def test_metrics_show_each_vips_announcement() -> None:
     assert 'caplance_vip_announced{vip="10.99.0.1",announcer="bird"} 1' in text
     assert 'caplance_vip_announced{vip="10.99.0.2",announcer="bird"} 0' in text
     assert 'caplance_announcement_changes_total{change="withdrawals"} 1' in text
+
+
+def test_refusals_are_listed_with_their_source_and_counted_by_reason() -> None:
+    text = format_status(status())
+    assert "refusals: auth 1, name_held 21" in text
+    assert "refused: 10.77.0.3 name_held x21 (last 0.5s ago)" in text
+    assert "refused: 10.77.0.9 auth x1 (last 30.0s ago)" in text
+    metrics = render(status())
+    assert 'caplance_registrations_refused_total{reason="name_held"} 21' in metrics
+    assert 'caplance_registrations_refused_total{reason="auth"} 1' in metrics
+    quiet = {**status(), "refusals": {"recent": [], "total": {}}}
+    assert "refus" not in format_status(quiet)
