@@ -22,8 +22,9 @@ import pytest
 
 from caplance import plugins
 from caplance.cli import build_parser
-from caplance.config import AgentConfig, BalancerConfig, structure
+from caplance.config import AgentConfig, BalancerConfig, Secret, structure
 from caplance.configfile import apply_environment
+from caplance.security import control_security
 
 from .test_selectors import example_plugin  # noqa: F401 - the fixture that installs it
 
@@ -169,6 +170,8 @@ def test_every_config_example_is_valid(page: str, line: int, body: str, example_
     cls = AgentConfig if "name" in data else BalancerConfig
     config = structure(data, cls)
     assert plugins.check_plugins(config) == []
+    # as the loader would check it, with a secret from secret_file or CAPLANCE_SECRET
+    assert control_security(attrs.evolve(config, secret=Secret(b"a placeholder secret, 32 bytes.."))) == []
 
 
 def drop_reasons(module: str) -> set[str]:
