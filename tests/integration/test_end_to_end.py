@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -208,12 +212,94 @@ def test_demo_cleans_up_on_ctrl_c() -> None:
     while len(namespaces() - before) < 6 and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(3)  # the hosts' processes are up and traffic flows
-    import os
-
     os.killpg(demo.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
     _, err = demo.communicate(timeout=60)
     assert demo.returncode != 0
     assert namespaces() == before, err.decode()[-2000:]
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid``."""
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:  # it exited meanwhile
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.add(int(status.parent.name))
+    return found
+
+
+def netns_of(pid: int) -> str | None:
+    """The name of the namespace process ``pid`` runs in (None: none we can name, or gone)."""
+    out = subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True, text=True, check=False)
+    return out.stdout.strip() or None
+
+
+def alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def remove_lab(tag: str) -> None:
+    """Whatever is left of lab ``tag``: its processes, namespaces and work directory."""
+    for name in [n for n in namespaces() if n.startswith(f"{tag}-")]:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False)
+        for pid in pids.stdout.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    for folder in Path(tempfile.gettempdir()).glob(f"{tag}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_demo_cleans_up_on_sigterm() -> None:
+    """SIGTERM to the demo alone (as ``timeout`` sends it) removes its six namespaces, its
+    five host processes and its work directory, as Ctrl-C does. Its client is asked for
+    three million requests: it must be running (counting in bounded memory) when stopped."""
+    output = tempfile.TemporaryFile()  # not a pipe: the hosts inherit it, and may outlive the demo
+    demo = subprocess.Popen([sys.executable, str(ROOT / "examples/simple_vip.py"), "--requests", "3000000"],
+                            stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def said() -> str:
+        output.seek(0)
+        return output.read().decode(errors="replace")[-2000:]
+
+    tag = None
+    try:
+        hosts: dict[str, int] = {}  # the demo's host processes: namespace -> pid
+        deadline = time.monotonic() + 90
+        while not any(name.endswith("-client") for name in hosts):
+            assert demo.poll() is None, said()
+            assert time.monotonic() < deadline, f"the demo's client never started: {hosts}"
+            for pid in children(demo.pid) - set(hosts.values()):
+                if (name := netns_of(pid)) is not None:
+                    hosts[name] = pid
+            time.sleep(0.2)
+        tag = next(iter(hosts)).rsplit("-", 1)[0]
+        made = {n for n in namespaces() if n.startswith(f"{tag}-")}
+        assert made == {f"{tag}-{role}" for role in ("sw", "client", "lb", "be1", "be2", "be3")}
+        assert len(hosts) == 5 and all(alive(pid) for pid in hosts.values())
+        time.sleep(2)  # traffic flows
+        assert all(alive(pid) for pid in hosts.values()), "a host process ended before SIGTERM"
+        demo.send_signal(signal.SIGTERM)  # to the demo only, not its group
+        code = demo.wait(timeout=60)
+        assert not [n for n in namespaces() if n.startswith(f"{tag}-")], said()
+        assert not [pid for pid in hosts.values() if alive(pid)], said()
+        assert not list(Path(tempfile.gettempdir()).glob(f"{tag}-*"))
+        assert code == 130, said()  # as on Ctrl-C
+        assert "interrupted; the lab has been removed" in said()
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+        if tag is not None:
+            remove_lab(tag)
+        output.close()
 
 
 def attached(lab: Lab, role: str) -> str:
