@@ -111,7 +111,6 @@ async def test_concurrency_tasks_whatever_the_count(server: Server, concurrency:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client)
-        await trio.sleep(0)
         (task,) = [t for t in nursery.child_tasks if t.name.endswith("client")]
         while not done.is_set():
             most_tasks = max([most_tasks, *(len(inner.child_tasks) for inner in task.child_nurseries)])

@@ -11,7 +11,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -204,20 +206,6 @@ def test_demo_serves_every_request_and_cleans_up() -> None:
     assert namespaces() == before
 
 
-def test_demo_cleans_up_on_ctrl_c() -> None:
-    before = namespaces()
-    demo = subprocess.Popen([sys.executable, str(ROOT / "examples/simple_vip.py"), "--requests", "200000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while len(namespaces() - before) < 6 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(3)  # the hosts' processes are up and traffic flows
-    os.killpg(demo.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
-    _, err = demo.communicate(timeout=60)
-    assert demo.returncode != 0
-    assert namespaces() == before, err.decode()[-2000:]
-
-
 def children(pid: int) -> set[int]:
     """The processes whose parent is ``pid``."""
     found = set()
@@ -257,11 +245,17 @@ def remove_lab(tag: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_demo_cleans_up_on_sigterm() -> None:
-    """SIGTERM to the demo alone (as ``timeout`` sends it) removes its six namespaces, its
-    five host processes and its work directory, as Ctrl-C does. Its client is asked for
-    three million requests: it must be running (counting in bounded memory) when stopped."""
-    output = tempfile.TemporaryFile()  # not a pipe: the hosts inherit it, and may outlive the demo
+def stop_the_demo(stop: Callable[[subprocess.Popen[bytes]], None]) -> None:
+    """Start the demo, wait until its client runs, ``stop`` it; check it removed its six
+    namespaces, its five host processes and its work directory, and exited 130. Its client is
+    asked for three million requests: it must be running (counting in bounded memory) when
+    stopped. Whatever the demo left is removed, also when the test fails. Other labs may come
+    and go meanwhile (tests run in parallel): only the demo's own are looked at."""
+    with tempfile.TemporaryFile() as output:  # not a pipe: the hosts inherit it, may outlive the demo
+        stop_the_demo_writing_to(stop, output)
+
+
+def stop_the_demo_writing_to(stop: Callable[[subprocess.Popen[bytes]], None], output: IO[bytes]) -> None:
     demo = subprocess.Popen([sys.executable, str(ROOT / "examples/simple_vip.py"), "--requests", "3000000"],
                             stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -279,19 +273,19 @@ def test_demo_cleans_up_on_sigterm() -> None:
             for pid in children(demo.pid) - set(hosts.values()):
                 if (name := netns_of(pid)) is not None:
                     hosts[name] = pid
+                    tag = name.rsplit("-", 1)[0]  # the lab's: "<tag>-<role>"
             time.sleep(0.2)
-        tag = next(iter(hosts)).rsplit("-", 1)[0]
         made = {n for n in namespaces() if n.startswith(f"{tag}-")}
         assert made == {f"{tag}-{role}" for role in ("sw", "client", "lb", "be1", "be2", "be3")}
         assert len(hosts) == 5 and all(alive(pid) for pid in hosts.values())
         time.sleep(2)  # traffic flows
-        assert all(alive(pid) for pid in hosts.values()), "a host process ended before SIGTERM"
-        demo.send_signal(signal.SIGTERM)  # to the demo only, not its group
+        assert all(alive(pid) for pid in hosts.values()), "a host process ended before the signal"
+        stop(demo)
         code = demo.wait(timeout=60)
         assert not [n for n in namespaces() if n.startswith(f"{tag}-")], said()
         assert not [pid for pid in hosts.values() if alive(pid)], said()
         assert not list(Path(tempfile.gettempdir()).glob(f"{tag}-*"))
-        assert code == 130, said()  # as on Ctrl-C
+        assert code == 130, said()
         assert "interrupted; the lab has been removed" in said()
     finally:
         if demo.poll() is None:
@@ -299,7 +293,15 @@ def test_demo_cleans_up_on_sigterm() -> None:
             demo.wait()
         if tag is not None:
             remove_lab(tag)
-        output.close()
+
+
+def test_demo_cleans_up_on_ctrl_c() -> None:
+    stop_the_demo(lambda demo: os.killpg(demo.pid, signal.SIGINT))  # a terminal's Ctrl-C: the whole group
+
+
+def test_demo_cleans_up_on_sigterm() -> None:
+    """As ``timeout`` or a service manager stops it: SIGTERM to the demo alone."""
+    stop_the_demo(lambda demo: demo.send_signal(signal.SIGTERM))
 
 
 def attached(lab: Lab, role: str) -> str:
