@@ -40,6 +40,7 @@ from caplance.balancer import Balancer
 from caplance.config import BalancerConfig, PluginConfig, VipConfig
 from caplance.control.membership import Member, State
 from caplance.control.rebuild import Choice, InlineBuilder, ProcessBuilder, TableBuilder, build_choice
+from caplance.lab.signals import sigterm_as_interrupt
 from caplance.testing import MemoryListener, RecordingTransport
 
 VIP = ipaddress.ip_address("10.99.0.1")
@@ -136,7 +137,8 @@ def main() -> int:
     parser.add_argument("--backends", type=int, default=1000)
     parser.add_argument("--table-size", type=int, default=100003)
     parser.add_argument("--rounds", type=int, default=3)
-    trio.run(main_async, parser.parse_args())
+    with sigterm_as_interrupt():  # SIGTERM stops it as Ctrl-C does: temporary folders and the build process go
+        trio.run(main_async, parser.parse_args())
     return 0
 
 

@@ -118,7 +118,7 @@ def demo(lab: Lab, announcer: str, streams: int) -> str:
     out, _ = long_lived.communicate(timeout=60)
     results = json.loads(out.decode().splitlines()[-1])
     short_out, _ = short.communicate(timeout=60)
-    failed = len(json.loads(short_out.decode().splitlines()[-1])["failures"])
+    failed = json.loads(short_out.decode().splitlines()[-1])["failed"]
     broken = sum(1 for stream in results if stream["error"] is not None)
     for role in ("lb", "lb2"):
         forwarded[role] += sum(lab.stop(balancers[role], timeout=30).get("forwarded", {}).values())
@@ -134,12 +134,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("ecmp: run as root (it builds network namespaces)", file=sys.stderr)
         return 2
-
-    def terminate(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # the lab's exit removes everything, as on Ctrl-C
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
+    try:  # the lab turns SIGTERM into Ctrl-C: its exit removes everything either way
         with Lab(backends=3, balancers=2, router=True) as lab:
             print(demo(lab, args.announcer, args.streams))
     except KeyboardInterrupt:

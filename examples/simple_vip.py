@@ -4,7 +4,8 @@
 
 It builds a lab of network namespaces (a client, a balancer, three backends, a switch),
 runs one process per host, makes HTTP requests from the client to http://VIP/, prints who
-served them and removes the lab again -- also on Ctrl-C. Each host's process uses the
+served them and removes the lab again -- also on Ctrl-C or SIGTERM (as ``timeout`` or a
+service manager stops it). Each host's process uses the
 library the way you would on a real machine: ``Balancer`` on the balancer, ``Agent`` plus an
 HTTP server on each backend.
 """
@@ -17,6 +18,7 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Collection
 
 import trio
 
@@ -76,8 +78,8 @@ async def backend_host(name: str) -> None:
 
 
 async def client_host(requests: int) -> None:
-    result = await fetch_many(str(VIP4), count=requests)
-    print(json.dumps({"served": result.served, "failures": result.failures}), flush=True)
+    result = await fetch_many(str(VIP4), count=requests, keep=False)  # counts: the same memory for any number
+    print(json.dumps({"served": result.served, "failed": result.failed, "failures": result.failures}), flush=True)
 
 
 # -- the orchestra: build the lab, run the hosts, report -----------------------------------
@@ -103,6 +105,20 @@ async def read_json_line(process: trio.Process) -> dict[str, object]:
     return json.loads(lines[-1]) if lines else {}
 
 
+async def stop_all(processes: Collection[trio.Process], *, grace: float = 5) -> None:
+    """SIGTERM the host processes still running (the balancer and agents then undo what they
+    did), wait up to ``grace`` seconds, SIGKILL what is left."""
+    for process in processes:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+    with trio.move_on_after(grace):
+        for process in processes:
+            await process.wait()
+    for process in processes:
+        process.kill()  # no-op for those that exited
+        await process.wait()
+
+
 async def orchestrate(lab: Lab, requests: int, listener: str) -> int:
     me = [sys.executable, __file__]
     hosts = {"lb": me + ["--host", "balancer", "--listener", listener,
@@ -122,23 +138,22 @@ async def orchestrate(lab: Lab, requests: int, listener: str) -> int:
         for process in processes.values():
             process.send_signal(signal.SIGTERM)
         stats = {role: await read_json_line(process) for role, process in processes.items()}
-    finally:
-        for process in processes.values():
-            process.kill()  # no-op for those that exited
-            await process.wait()
+    finally:  # also on Ctrl-C or SIGTERM (the lab makes it a KeyboardInterrupt too)
+        await stop_all(processes.values())
 
     served: dict[str, int] = result["served"]
+    failed: int = result["failed"]
     failures: list[str] = result["failures"]
     forwarded = stats["lb"].get("forwarded", {})
     print(f"{'backend':8} {'address':12} {'served':>7} {'packets fwd':>12} {'injected':>9}")
     for name, address in BACKENDS.items():
         injected = stats[name].get("injected", 0)
         print(f"{name:8} {address:12} {served.get(name, 0):>7} {forwarded.get(name, 0):>12} {injected:>9}")
-    print(f"requests: {requests}, failed: {len(failures)}; balancer dropped: {stats['lb'].get('dropped')}")
+    print(f"requests: {requests}, failed: {failed}; balancer dropped: {stats['lb'].get('dropped')}")
     for failure in failures[:10]:
         print(f"  {failure}")
     print(format_served(served, list(BACKENDS)))
-    ok = not failures and all(served.get(name, 0) > 0 for name in BACKENDS)
+    ok = not failed and all(served.get(name, 0) > 0 for name in BACKENDS)
     return 0 if ok else 1
 
 

@@ -3,7 +3,7 @@
     python -m caplance.lab http --name be1 [--port 80]     # serve the name until SIGTERM
     python -m caplance.lab echo --name be1 [--port 8080]   # name, then echo, until SIGTERM
     python -m caplance.lab udp-name --name be1 --address VIP [--port 9999]
-    python -m caplance.lab fetch --host VIP --count N      # JSON: every attempt and its result
+    python -m caplance.lab fetch --host VIP --count N [--attempts]   # JSON: served, failed (and every attempt)
     python -m caplance.lab streams --host VIP --count 50 --seconds 10   # JSON per connection
     python -m caplance.lab ask-udp --host VIP --ports 20000-20099       # JSON port -> name
 """
@@ -41,11 +41,13 @@ async def _serve(serve: Any) -> None:
 
 
 async def _fetch(host: str, count: int, port: int, concurrency: int, timeout: float,
-                 rate: float | None, body: int, sources: list[str]) -> None:
+                 rate: float | None, body: int, sources: list[str], keep: bool) -> None:
+    """One JSON line: ``served`` (name -> requests), ``failed`` (how many), ``failures``
+    (the first KEPT_FAILURES of them) and, with ``keep``, ``attempts`` (every request)."""
     result = await fetch_many(host, count=count, port=port, concurrency=concurrency,
-                              timeout=timeout, rate=rate, body=body, sources=sources)
-    print(json.dumps({"attempts": [attrs.asdict(a) for a in result.attempts],
-                      "served": result.served, "failures": result.failures}), flush=True)
+                              timeout=timeout, rate=rate, body=body, sources=sources, keep=keep)
+    print(json.dumps({"attempts": [attrs.asdict(a) for a in result.attempts], "served": result.served,
+                      "failed": result.failed, "failures": result.failures}), flush=True)
 
 
 def main() -> int:
@@ -63,6 +65,8 @@ def main() -> int:
     fetch.add_argument("--rate", type=float, help="start at most this many requests per second")
     fetch.add_argument("--body", type=int, default=0, help="POST this many bytes instead of a GET")
     fetch.add_argument("--sources", default="", help="comma-separated source addresses, used in turn")
+    fetch.add_argument("--attempts", action="store_true",
+                       help="also print every request (memory grows with --count)")
     echo = commands.add_parser("echo")
     echo.add_argument("--name", required=True)
     echo.add_argument("--port", type=int, default=8080)
@@ -98,7 +102,7 @@ def main() -> int:
         print(json.dumps(answers), flush=True)
     else:
         trio.run(_fetch, args.host, args.count, args.port, args.concurrency, args.timeout, args.rate, args.body,
-                 [source for source in args.sources.split(",") if source])
+                 [source for source in args.sources.split(",") if source], args.attempts)
     return 0
 
 

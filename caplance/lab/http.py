@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
 
-__all__ = ["Attempt", "FetchResult", "fetch_many", "format_served", "serve_name"]
+__all__ = ["KEPT_FAILURES", "Attempt", "FetchResult", "fetch_many", "format_served", "serve_name"]
 
 _MAX_REQUEST = 8192
 _MAX_BODY = 16 * 1024 * 1024
@@ -68,17 +67,38 @@ class Attempt:
     source: str | None = None
 
 
-@attrs.frozen
+#: how many failures a :class:`FetchResult` keeps the text of (it counts all of them)
+KEPT_FAILURES = 100
+
+
+@attrs.define
 class FetchResult:
-    attempts: list[Attempt]
+    """What :func:`fetch_many` saw, added up as the requests finish, so its size does not grow
+    with their number: requests served per backend name, the number that failed, the text of
+    the first :data:`KEPT_FAILURES` failures -- and every :class:`Attempt` only with
+    ``keep=True`` (empty otherwise)."""
+
+    keep: bool = False
+    served: dict[str, int] = attrs.field(factory=dict)
+    failed: int = 0
+    failures: list[str] = attrs.field(factory=list)
+    attempts: list[Attempt] = attrs.field(factory=list)
+
+    def add(self, attempt: Attempt) -> None:
+        """Count one finished request."""
+        if attempt.served_by is not None:
+            self.served[attempt.served_by] = self.served.get(attempt.served_by, 0) + 1
+        else:
+            self.failed += 1
+            if len(self.failures) < KEPT_FAILURES:
+                self.failures.append(f"port {attempt.source_port}: {attempt.error}")
+        if self.keep:
+            self.attempts.append(attempt)
 
     @property
-    def served(self) -> dict[str, int]:
-        return dict(collections.Counter(a.served_by for a in self.attempts if a.served_by))
-
-    @property
-    def failures(self) -> list[str]:
-        return [f"port {a.source_port}: {a.error}" for a in self.attempts if a.served_by is None]
+    def requests(self) -> int:
+        """Requests finished: served and failed."""
+        return sum(self.served.values()) + self.failed
 
 
 async def _bound_socket(host: str, kind: int, port: int = 0, address: str | None = None) -> trio.socket.SocketType:
@@ -123,24 +143,33 @@ async def _fetch_once(host: str, port: int, timeout: float, body: int = 0, sourc
 
 async def fetch_many(host: str, *, count: int, port: int = 80, concurrency: int = 16,
                      timeout: float = 5.0, rate: float | None = None, body: int = 0,
-                     sources: Sequence[str] = ()) -> FetchResult:
+                     sources: Sequence[str] = (), keep: bool = False) -> FetchResult:
     """Make ``count`` HTTP requests to ``host``, each on a new TCP connection (so each from a
     new ephemeral source port), ``concurrency`` at a time, starting at most ``rate`` per
     second if given; with ``body`` bytes, as POSTs; from the ``sources`` addresses in turn,
-    if given. Never raises for a failed request: each becomes an :class:`Attempt`."""
-    attempts: list[Attempt] = []
-    limit = trio.CapacityLimiter(concurrency)
+    if given. Never raises for a failed request: each is counted in the :class:`FetchResult`
+    (and kept as an :class:`Attempt` with ``keep=True``).
 
-    async def one(source: str | None) -> None:
-        async with limit:
-            attempts.append(await _fetch_once(host, port, timeout, body, source))
+    ``concurrency`` tasks take the requests' numbers in turn, so memory stays the same
+    whatever ``count`` is. Cancelled, it cancels the requests in flight and raises."""
+    result = FetchResult(keep=keep)
+    numbers = iter(range(count))
+    next_start = trio.current_time()
+
+    async def worker() -> None:
+        nonlocal next_start
+        for number in numbers:  # shared: each number goes to one worker
+            if rate:  # reserve the next start slot (no checkpoint between reading and writing it)
+                start = max(next_start, trio.current_time())
+                next_start = start + 1 / rate
+                await trio.sleep_until(start)
+            result.add(await _fetch_once(host, port, timeout, body,
+                                         sources[number % len(sources)] if sources else None))
 
     async with trio.open_nursery() as nursery:
-        for number in range(count):
-            nursery.start_soon(one, sources[number % len(sources)] if sources else None)
-            if rate:
-                await trio.sleep(1 / rate)
-    return FetchResult(attempts)
+        for _ in range(max(1, min(concurrency, count))):
+            nursery.start_soon(worker)
+    return result
 
 
 def format_served(served: dict[str, int], names: Sequence[str]) -> str:

@@ -39,6 +39,8 @@ from typing import Any
 import attrs
 import tomli_w
 
+from caplance.lab.signals import ignoring_interrupts, restore_sigterm, take_sigterm
+
 __all__ = ["LAB_NETWORK4", "VIP4", "VIP6", "Lab", "LabHost"]
 
 VIP4 = ipaddress.IPv4Address("10.99.0.1")
@@ -92,6 +94,7 @@ class Lab:
         self._created: list[str] = []
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
         self._processes: list[subprocess.Popen[Any]] = []
+        self._previous_sigterm: Any = None
 
     def route_vips_via(self, role: str) -> None:
         """Point the client's routes for the VIPs at balancer ``role``."""
@@ -108,16 +111,25 @@ class Lab:
         return [host for role, host in self.hosts.items() if role.startswith("lb")]
 
     def __enter__(self) -> Lab:
+        """Create the lab. Until :meth:`__exit__`, SIGTERM stops the program as Ctrl-C does
+        (a ``KeyboardInterrupt``, delivered by trio inside ``trio.run``), so ``timeout`` or a
+        service manager stopping it removes the lab too (main thread only; see
+        :mod:`caplance.lab.signals`)."""
+        self._previous_sigterm = take_sigterm()
         try:
             self.create()
         except BaseException:
             self.destroy()
+            restore_sigterm(self._previous_sigterm)
             raise
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.destroy()
+        try:
+            self.destroy()
+        finally:
+            restore_sigterm(self._previous_sigterm)
 
     def create(self) -> None:
         self._add_netns(self.switch)
@@ -160,13 +172,11 @@ class Lab:
         self._created.append(name)
 
     def destroy(self) -> None:
-        """Stop every process in the lab's namespaces and delete them. Never raises; a
-        second Ctrl-C while it runs is ignored, so it always finishes."""
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
+        """Stop every process in the lab's namespaces and delete them. Never raises; SIGINT
+        and SIGTERM are ignored while it runs (in the main thread), so a second Ctrl-C or
+        SIGTERM cannot leave half a lab."""
+        with ignoring_interrupts():
             self._destroy()
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
     def _destroy(self) -> None:
         for process in self._processes:

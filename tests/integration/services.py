@@ -92,7 +92,7 @@ def start_backend_agent(lab: Lab, name: str, **agent: Any) -> subprocess.Popen[b
 
 def fetch(lab: Lab, count: int, *, host: str = str(VIP4), timeout: float = 5, body: int = 0,
           sources: Iterable[str] = ()) -> dict[str, Any]:
-    done = lab.run("client", *LAB, "fetch", "--host", host, "--count", str(count),
+    done = lab.run("client", *LAB, "fetch", "--attempts", "--host", host, "--count", str(count),
                    "--timeout", str(timeout), "--body", str(body), "--sources", ",".join(sources))
     result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
     return result
@@ -166,7 +166,7 @@ def wait_for(predicate: Any, *, timeout: float = 15, what: str = "condition") ->
 def fetch_in_background(lab: Lab, count: int, *, rate: float = 100, concurrency: int = 8,
                         timeout: float = 2) -> subprocess.Popen[bytes]:
     """Start the client's fetches, ``rate`` a second; collect with :func:`fetch_result`."""
-    return lab.spawn("client", *LAB, "fetch", "--host", str(VIP4), "--count", str(count),
+    return lab.spawn("client", *LAB, "fetch", "--attempts", "--host", str(VIP4), "--count", str(count),
                      "--concurrency", str(concurrency), "--timeout", str(timeout), "--rate", str(rate),
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

@@ -1,6 +1,7 @@
 """``caplance balancer`` started with generated configurations in a lab host: whatever the
 file says, it exits 0 (started, then stopped), 1 (a one-line runtime error) or 2 (an invalid
-configuration) -- never a traceback -- and leaves the host as it found it."""
+configuration) -- never a traceback -- and leaves the host as it found it; SIGTERM stops it
+(and an agent) as SIGINT does."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import subprocess
 import time
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 
 from caplance.lab import Lab
 from tests.configs import any_balancer_configs
+from tests.integration import services
 from tests.integration.services import CAPLANCE
 
 
@@ -50,3 +53,29 @@ def test_any_config_starts_or_fails_cleanly(lab: Lab, data: dict[str, Any]) -> N
     if code != 0:
         assert err.strip().splitlines()[-1].startswith(("caplance: ", "  @ ")), err[-2000:]
     assert lab.listing("lb") == before
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("plane", ["python", "kernel"])
+def test_sigterm_stops_as_sigint_does(lab: Lab, number: signal.Signals, plane: str) -> None:
+    """``caplance balancer`` and ``caplance agent`` stopped by SIGTERM (a service manager,
+    ``timeout``) or SIGINT (Ctrl-C): the same graceful stop -- counters printed, exit 0 -- and
+    every change they made to their hosts undone."""
+    services.use_plane(plane)
+    try:
+        roles = ("lb", "be1")
+        before = {role: lab.listing(role) for role in roles}
+        balancer = services.start_balancer(lab, services.balancer_config(lab, backends=("be1",)))
+        agent = services.start_backend_agent(lab, "be1")
+        for role in roles:  # each made changes, or this would prove nothing
+            assert lab.listing(role) != before[role], role
+        for process in (agent, balancer):
+            process.send_signal(number)
+            out, err = process.communicate(timeout=30)
+            assert process.returncode == 0, err.decode()[-2000:]
+            assert "Traceback" not in err.decode(), err.decode()[-3000:]
+            assert out.decode().splitlines()[-1].startswith("{")  # --print-stats: the clean path's end
+        for role in roles:
+            assert lab.listing(role) == before[role], role
+    finally:
+        services.use_plane("python")
