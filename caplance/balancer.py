@@ -31,6 +31,7 @@ from caplance.dataplane import DataPlane
 from caplance.dataplane.python import PythonDataPlane
 from caplance.interfaces import Listener, Transport
 from caplance.netops import NetOps, default_interface
+from caplance.recovery import undo_dead_runs
 
 if TYPE_CHECKING:
     from caplance.dataplane.bpf.plane import BpfDataPlane
@@ -156,6 +157,7 @@ class Balancer:
         On cancellation it skips the drain; either way every address, route, rule, device,
         socket and process it made is removed before it returns (cleanup is bounded).
         """
+        undo_dead_runs()  # what a run that died here (SIGKILL) left behind
         netops = NetOps()
         try:
             async with trio.open_nursery() as nursery:

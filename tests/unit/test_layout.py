@@ -15,7 +15,7 @@ PURE = [
     "caplance.forwarding", "caplance.interfaces", "caplance.encapsulation", "caplance.conntrack",
     "caplance.control_codec", "caplance.plugins", "caplance.strategies", "caplance.strategies.maglev",
     "caplance.strategies.ring", "caplance.strategies.rendezvous", "caplance.control.membership",
-    "caplance.dataplane", "caplance.dataplane.stats", "caplance.listeners",
+    "caplance.dataplane", "caplance.dataplane.stats", "caplance.listeners", "caplance.journal",
 ]
 FORBIDDEN = {"trio", "socket", "pyroute2", "pytun", "subprocess", "select", "selectors", "fcntl"}
 MAX_LINES = 520
