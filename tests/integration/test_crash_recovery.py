@@ -26,8 +26,8 @@ def small_lab() -> Iterator[Lab]:
         yield made
 
 
-def start_both(lab: Lab) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
-    balancer = start_balancer(lab, balancer_config(lab, backends=("be1",)))
+def start_both(lab: Lab, listener: str) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    balancer = start_balancer(lab, balancer_config(lab, listener=listener, backends=("be1",)))
     return balancer, start_backend_agent(lab, "be1")
 
 
@@ -50,22 +50,39 @@ def journals_of(lab: Lab, role: str) -> list[str]:
     return sorted(p.name for p in directory.glob(f"{inode}-*")) if directory.exists() else []
 
 
-def test_a_killed_run_is_undone_by_the_next_and_a_clean_stop_leaves_nothing(small_lab: Lab, both_planes: str) -> None:
+def sysctl(lab: Lab, role: str, name: str) -> str:
+    return lab.run(role, "sysctl", "-n", name).stdout.strip()
+
+
+# tun: a TUN device, routes into it and ip_forward; packet: a blackhole route, and with the
+# kernel plane an XDP program (tc would come after AF_PACKET's tap) and eth0's forwarding
+@pytest.mark.parametrize("listener", ["tun", "packet"])
+def test_a_killed_run_is_undone_by_the_next_and_a_clean_stop_leaves_nothing(
+        small_lab: Lab, both_planes: str, listener: str) -> None:
     lab = small_lab
     before = {role: lab.listing(role) for role in ROLES}
-    assert lab.run("lb", "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "0"
-    for process in start_both(lab):
+    assert sysctl(lab, "lb", "net.ipv4.ip_forward") == "0"
+    for process in start_both(lab, listener):
         kill(process)
     left = {role: lab.listing(role) for role in ROLES}
     for role in ROLES:  # the kill left changes behind, and the journals that name them
         assert left[role] != before[role], role
         assert journals_of(lab, role), role
-    assert lab.run("lb", "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
+    if listener == "tun":
+        assert sysctl(lab, "lb", "net.ipv4.ip_forward") == "1"  # the bug this journal fixes
+    else:
+        assert "blackhole 10.99.0.1" in lab.run("lb", "ip", "route", "show", "table", "all").stdout
     assert "10.99.0.1/32" in lab.run("be1", "ip", "-o", "addr", "show", "dev", "lo").stdout
     if both_planes == "kernel":  # the programs stay attached without their process
-        for role in ROLES:
-            assert "bpf" in lab.run(role, "tc", "filter", "show", "dev", "eth0", "ingress").stdout, role
-    balancer, agent = start_both(lab)
+        assert "bpf" in lab.run("be1", "tc", "filter", "show", "dev", "eth0", "ingress").stdout
+        if listener == "tun":
+            assert "bpf" in lab.run("lb", "tc", "filter", "show", "dev", "eth0", "ingress").stdout
+        else:
+            assert "xdp" in lab.run("lb", "ip", "link", "show", "dev", "eth0").stdout
+            assert sysctl(lab, "lb", "net.ipv4.conf.eth0.forwarding") == "1"
+    if both_planes == "kernel" and listener == "packet":
+        lab.run_switch("ip", "link", "set", "dev", "lb", "xdpdrv", "off")  # start_balancer attaches it again
+    balancer, agent = start_both(lab, listener)
     logs = [stop_cleanly(agent), stop_cleanly(balancer)]
     for err in logs:
         assert "left by a run that died" in err, err[-2000:]
