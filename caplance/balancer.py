@@ -31,6 +31,7 @@ from caplance.dataplane import DataPlane
 from caplance.dataplane.python import PythonDataPlane
 from caplance.interfaces import Listener, Transport
 from caplance.netops import NetOps, default_interface
+from caplance.recovery import undo_dead_runs
 from caplance.security import require_control_security
 
 if TYPE_CHECKING:
@@ -158,6 +159,7 @@ class Balancer:
         socket and process it made is removed before it returns (cleanup is bounded).
         """
         require_control_security(self.config)  # ConfigError before anything changes
+        undo_dead_runs()  # what a run that died here (SIGKILL) left behind
         netops = NetOps()
         try:
             async with trio.open_nursery() as nursery:

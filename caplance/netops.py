@@ -6,6 +6,11 @@ a stack; :meth:`NetOps.undo_all` runs the stack in reverse order. Something that
 there before we started (an address the operator put on ``lo`` themselves) is left alone on
 undo: we only remove what we made.
 
+Each change is also written to a journal (:mod:`caplance.journal`) *before* it is made, with
+what its undo needs, so that if the process dies without undoing (SIGKILL) the next start
+undoes it (:mod:`caplance.recovery`); the undo of each kind lives in :mod:`caplance.netundo`,
+shared by both.
+
 nftables rules are applied with the ``nft`` command in a table of our own (one table per
 :class:`NetOps`), so removing them is deleting that table. pyroute2's nftables support is too
 thin to build rules with; the ``nft`` tool ships with Debian's ``nftables`` package.
@@ -32,24 +37,25 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from caplance.errors import NetOpsError
+from caplance.journal import Journal
+from caplance.netundo import (
+    COMMAND_TIMEOUT,
+    describe,
+    forwarding_side_effects,
+    quiet_netlink,
+    read_sysctl,
+    remove_iptables_chain,
+    run_command,
+    tc_filters,
+    undo_entry,
+    write_sysctl,
+)
 from caplance.packet import IPAddress
 
-__all__ = ["IPAddress", "NetOps", "default_interface", "largest_link_mtu", "open_tun_queue", "read_link_type",
-           "read_sysctl"]
+__all__ = ["IPAddress", "NetOps", "default_interface", "largest_link_mtu", "open_tun_queue", "quiet_netlink",
+           "read_link_type", "read_sysctl", "remove_iptables_chain", "write_sysctl"]
 
 log = logging.getLogger(__name__)
-
-_NFT_TIMEOUT = 10.0
-
-
-def read_sysctl(name: str) -> str:
-    """Read ``net.ipv4.ip_forward``-style sysctls of the current network namespace."""
-    path = "/proc/sys/" + name.replace(".", "/")
-    try:
-        with open(path) as handle:
-            return handle.read().strip()
-    except OSError as exc:
-        raise NetOpsError("read sysctl", name, exc.strerror or str(exc)) from exc
 
 
 def read_link_type(ifname: str) -> int:
@@ -137,6 +143,7 @@ class NetOps:
     def __init__(self) -> None:
         self._undo: list[tuple[str, Callable[[], None]]] = []
         self._ipr: IPRoute | None = None
+        self._journal: Journal | None = None
         self.nft_table = f"caplance_{os.getpid()}_{secrets.token_hex(3)}"
         self._nft_table_made = False
 
@@ -151,6 +158,28 @@ class NetOps:
     def push_undo(self, description: str, action: Callable[[], None]) -> None:
         """Record an undo step (for resources made outside this module, such as sockets)."""
         self._undo.append((description, action))
+
+    def _record(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Journal a change about to be made (see :mod:`caplance.netundo` for the kinds)."""
+        if self._journal is None:
+            self._journal = Journal()
+        try:
+            return self._journal.record(kind, **fields)
+        except OSError as exc:
+            raise NetOpsError("write the journal of host changes", str(self._journal.path),
+                              exc.strerror or str(exc), "set CAPLANCE_JOURNAL_DIR to a writable directory") from exc
+
+    def _skip(self, entry: dict[str, Any]) -> None:
+        """The change ``entry`` was not made (or was there before): its undo must not run."""
+        if self._journal is not None:
+            try:
+                self._journal.skip(entry)
+            except OSError as exc:
+                log.warning("cannot write the journal", extra={"error": str(exc)})
+
+    def _made(self, entry: dict[str, Any]) -> None:
+        """The change ``entry`` was made: undo it on :meth:`undo_all`."""
+        self.push_undo(describe(entry), lambda: undo_entry(self.ipr, entry))
 
     def undo_all(self) -> list[str]:
         """Undo every recorded change, newest first. Returns the problems met (also logged).
@@ -168,6 +197,8 @@ class NetOps:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._journal is not None:
+            self._journal.close()
         return problems
 
     def ifindex(self, ifname: str) -> int:
@@ -182,19 +213,16 @@ class NetOps:
         """Put ``address`` (host prefix) on ``ifname``; undo removes it if we added it."""
         index = self.ifindex(ifname)
         prefix = _prefixlen(address)
+        entry = self._record("address", address=str(address), prefixlen=prefix, ifname=ifname)
         try:
             self.ipr.addr("add", index=index, address=str(address), prefixlen=prefix)
         except NetlinkError as exc:
+            self._skip(entry)
             if exc.code == errno.EEXIST:
                 log.info("address already present, leaving it", extra={"address": str(address)})
                 return
             raise NetOpsError("add address", f"{address} on {ifname}", str(exc)) from exc
-        self.push_undo(
-            f"remove address {address} from {ifname}",
-            lambda: self._quiet_netlink(
-                self.ipr.addr, "del", index=index, address=str(address), prefixlen=prefix
-            ),
-        )
+        self._made(entry)
 
     def add_route(self, address: IPAddress, *, ifname: str | None = None) -> None:
         """Route ``address`` (host prefix) into ``ifname``, or blackhole it when ifname is None."""
@@ -204,15 +232,18 @@ class NetOps:
         else:
             spec["oif"] = self.ifindex(ifname)
         target = f"{spec['dst']} {'blackhole' if ifname is None else 'dev ' + ifname}"
+        entry = self._record("route", dst=spec["dst"], ifname=ifname)
         try:
             self.ipr.route("add", **spec)
         except NetlinkError as exc:
+            self._skip(entry)
             hint = "another route for this address exists; remove it" if exc.code == errno.EEXIST else ""
             raise NetOpsError("add route", target, str(exc), hint) from exc
-        self.push_undo(f"remove route {target}", lambda: self._quiet_netlink(self.ipr.route, "del", **spec))
+        self._made(entry)
 
     def set_link(self, ifname: str, *, up: bool | None = None, mtu: int | None = None) -> None:
-        """Set a link's state or MTU (on devices we created; not undone separately)."""
+        """Set a link's state or MTU (on devices we created, so not undone separately and
+        not journaled: the device's own undo takes it)."""
         spec: dict[str, Any] = {}
         if up is not None:
             spec["state"] = "up" if up else "down"
@@ -223,34 +254,22 @@ class NetOps:
         except NetlinkError as exc:
             raise NetOpsError("configure link", ifname, str(exc)) from exc
 
-    def _quiet_netlink(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Run a netlink removal; 'already gone' is success."""
-        try:
-            call(*args, **kwargs)
-        except NetlinkError as exc:
-            if exc.code not in (errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENODEV):
-                raise
-
     # -- sysctls -------------------------------------------------------------------------
 
     def set_sysctl(self, name: str, value: str) -> None:
-        """Set a sysctl of this network namespace; undo restores the previous value."""
+        """Set a sysctl of this network namespace; undo restores the previous value, and
+        those of the sysctls the kernel changes with it (``ip_forward`` turns every
+        interface's ``forwarding`` on and ``conf.all.accept_redirects`` off)."""
         previous = read_sysctl(name)
         if previous == value:
             return
-        self._write_sysctl(name, value)
-        self.push_undo(f"restore sysctl {name}={previous}", lambda: self._write_sysctl(name, previous))
-
-    @staticmethod
-    def _write_sysctl(name: str, value: str) -> None:
-        path = "/proc/sys/" + name.replace(".", "/")
+        entry = self._record("sysctl", name=name, old=previous, value=value, then=forwarding_side_effects(name))
         try:
-            with open(path, "w") as handle:
-                handle.write(value)
-        except OSError as exc:
-            raise NetOpsError(
-                "set sysctl", f"{name}={value}", exc.strerror or str(exc), "run as root"
-            ) from exc
+            write_sysctl(name, value)
+        except NetOpsError:
+            self._skip(entry)
+            raise
+        self._made(entry)
 
     # -- nftables ------------------------------------------------------------------------
 
@@ -267,47 +286,55 @@ class NetOps:
         lines = []
         if not self._nft_table_made:
             lines.append(f"add table inet {self.nft_table}")
+            entry = self._record("nft_table", family="inet", table=self.nft_table)
         lines.append(
             f"add chain inet {self.nft_table} {chain} "
             f"{{ type filter hook {hook} priority {priority}; policy accept; }}"
         )
         lines += [f"add rule inet {self.nft_table} {chain} {rule}" for rule in rules]
-        self._nft("\n".join(lines) + "\n", f"add chain {chain} to nftables table {self.nft_table}")
+        try:
+            run_command(["nft", "-f", "-"], "\n".join(lines) + "\n", f"add chain {chain} to nftables table",
+                        self.nft_table)
+        except NetOpsError:
+            if not self._nft_table_made:
+                self._skip(entry)  # nft applies a script all or nothing
+            raise
         if not self._nft_table_made:
             self._nft_table_made = True
-            self.push_undo(
-                f"delete nftables table {self.nft_table}",
-                lambda: self._nft(f"delete table inet {self.nft_table}\n", "delete table"),
-            )
+            self._made(entry)
 
-    def _nft(self, script: str, what: str) -> None:
-        self._run(["nft", "-f", "-"], script, what, self.nft_table)
+    # -- tc and XDP programs -------------------------------------------------------------
 
-    # -- tc programs -----------------------------------------------------------------------
-
-    def attach_tc(self, ifname: str, attach: Callable[[int], object], detach: Callable[[int], None],
-                  destroy_hook: Callable[[int], None]) -> None:
-        """Attach a tc program to ``ifname`` with ``attach(ifindex)`` (a libbpf call); undo
-        detaches it with ``detach(ifindex)`` and, when no other filter is left on the clsact
-        qdisc (one it made, or one only a crashed run of ours used), removes the qdisc with
-        ``destroy_hook(ifindex)``: the interface is left as it was."""
+    def attach_tc(self, ifname: str, attach: Callable[[int], object]) -> None:
+        """Attach a tc program to ``ifname``'s clsact ingress with ``attach(ifindex)`` (a
+        libbpf call, handle 1, priority 1); undo detaches it and, when no other filter is left
+        on the clsact qdisc (one it made, or one only a crashed run of ours used), removes the
+        qdisc: the interface is left as it was."""
         index = self.ifindex(ifname)
-        attach(index)
+        entry = self._record("tc", ifname=ifname)
+        try:
+            attach(index)
+        except BaseException:
+            self._skip(entry)
+            raise
+        self._made(entry)
 
-        def undo() -> None:
-            detach(index)
-            if not self.tc_filters(index):
-                destroy_hook(index)
-
-        self.push_undo(f"detach the tc program from {ifname}", undo)
+    def attach_xdp(self, ifname: str, attach: Callable[[int], object], *, native: bool = True) -> None:
+        """Attach an XDP program to ``ifname`` with ``attach(ifindex)`` (a libbpf call, in
+        driver mode if ``native``); undo detaches it."""
+        index = self.ifindex(ifname)
+        entry = self._record("xdp", ifname=ifname, native=native)
+        try:
+            attach(index)
+        except BaseException:
+            self._skip(entry)
+            raise
+        self._made(entry)
 
     def tc_filters(self, index: int) -> int:
         """How many tc filter entries the clsact qdisc of interface ``index`` holds (ingress
         and egress)."""
-        try:
-            return sum(len(self.ipr.get_filters(index=index, parent=parent)) for parent in (0xFFFFFFF2, 0xFFFFFFF3))
-        except NetlinkError:
-            return 0
+        return tc_filters(self.ipr, index)
 
     # -- GRE devices ---------------------------------------------------------------------
 
@@ -325,17 +352,18 @@ class NetOps:
             if not source:
                 raise NetOpsError("find a local address toward", str(remote), "no route with a source address")
             local = ipaddress.ip_address(source)
+        entry = self._record("link", ifname=ifname)
         try:
             self.ipr.link("add", ifname=ifname, kind=kind, gre_local=str(local), gre_remote=str(remote), gre_ttl=64)
         except NetlinkError as exc:
+            self._skip(entry)
             if exc.code in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOENT):
                 raise NetOpsError(
                     "create GRE link", ifname,
                     f"this kernel has no {'ip_gre' if kind == 'gre' else 'ip6_gre'} module ({exc})",
                     "use transport 'gre-raw' or 'udp'") from exc
             raise NetOpsError("create GRE link", ifname, str(exc)) from exc
-        self.push_undo(f"delete GRE link {ifname}",
-                       lambda: self._quiet_netlink(self.ipr.link, "del", ifname=ifname))
+        self._made(entry)
         self.set_link(ifname, up=True)
 
     # -- iptables (for targets nftables lacks here, such as NFQUEUE) -----------------------
@@ -353,35 +381,18 @@ class NetOps:
                               "install Debian's iptables package")
         family = "ip6" if ipv6 else "ip"
         had_table = shutil.which("nft") is not None and subprocess.run(
-            ["nft", "list", "table", family, table], capture_output=True, timeout=_NFT_TIMEOUT,
+            ["nft", "list", "table", family, table], capture_output=True, timeout=COMMAND_TIMEOUT,
             check=False).returncode == 0
         lines = [f"*{table}", f":{chain} - [0:0]", f"-A {hook} -j {chain}"]
         lines += [f"-A {chain} {rule}" for rule in rules]
         lines.append("COMMIT")
-        self._run([f"{command}-restore", "--noflush"], "\n".join(lines) + "\n", f"add {command} chain", chain)
-
-        def remove() -> None:
-            self._run([command, "-t", table, "-D", hook, "-j", chain], None, f"remove {command} jump", chain)
-            self._run([command, "-t", table, "-F", chain], None, f"flush {command} chain", chain)
-            self._run([command, "-t", table, "-X", chain], None, f"delete {command} chain", chain)
-            if had_table:
-                return
-            left = subprocess.run([command, "-t", table, "-S"], capture_output=True, text=True,
-                                  timeout=_NFT_TIMEOUT, check=False).stdout.split("\n")
-            if all(not line or line.startswith("-P ") for line in left):  # iptables made it for us
-                self._nft(f"delete table {family} {table}\n", f"delete the {table} table iptables made")
-
-        self.push_undo(f"delete {command} chain {table}/{chain}", remove)
-
-    @staticmethod
-    def _run(argv: list[str], script: str | None, what: str, target: str) -> None:
+        entry = self._record("iptables", command=command, table=table, hook=hook, chain=chain, had_table=had_table)
         try:
-            done = subprocess.run(argv, input=script, capture_output=True, text=True,
-                                  timeout=_NFT_TIMEOUT, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise NetOpsError(what, target, str(exc)) from exc
-        if done.returncode != 0:
-            raise NetOpsError(what, target, done.stderr.strip() or f"{argv[0]} exit {done.returncode}")
+            run_command([f"{command}-restore", "--noflush"], "\n".join(lines) + "\n", f"add {command} chain", chain)
+        except NetOpsError:
+            self._skip(entry)  # a restore is all or nothing
+            raise
+        self._made(entry)
 
     # -- TUN devices ---------------------------------------------------------------------
 
@@ -400,9 +411,11 @@ class NetOps:
         if self.ipr.link_lookup(ifname=name):
             raise NetOpsError("create TUN device", name, "an interface of that name exists",
                               "pick another name or remove it")
+        entry = self._record("tun", ifname=name)  # for a run that died: its device goes with it
         try:
             device = _tun_device(name, multi_queue)
         except TunError as exc:
+            self._skip(entry)
             raise NetOpsError("create TUN device", name, str(exc), "needs root and /dev/net/tun") from exc
         self.push_undo(f"remove TUN device {name}", device.close)
         if detached:

@@ -40,6 +40,7 @@ from caplance.errors import CaplanceError, MalformedPacket
 from caplance.interfaces import Transport
 from caplance.netops import NetOps
 from caplance.packet import destination, flow_key
+from caplance.recovery import undo_dead_runs
 from caplance.security import require_control_security
 from caplance.sockets import family_of, open_socket, pump
 
@@ -136,6 +137,7 @@ class Agent:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Set up VIPs, sysctls and sockets; inject until :meth:`stop`; undo everything."""
         require_control_security(self.config)  # ConfigError before anything changes
+        undo_dead_runs()  # what a run that died here (SIGKILL) left behind
         netops = NetOps()
         try:
             netops.set_sysctl("net.ipv4.conf.all.arp_ignore", "1")

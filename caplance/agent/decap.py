@@ -73,8 +73,7 @@ class KernelDecap:
                 libbpf.map_update(program.map_fd("balancers"), source.packed, b"\x01")
         self._counters = program.map_fd("decap_counters")
         prog = program.program_fd("caplance_decap")
-        netops.attach_tc(self.interface, lambda index: libbpf.tc_attach(index, prog), libbpf.tc_detach,
-                         libbpf.tc_hook_destroy)
+        netops.attach_tc(self.interface, lambda index: libbpf.tc_attach(index, prog))
         netops.push_undo("forget the decap counters", self._forget)
         log.info("kernel decapsulation attached", extra={"interface": self.interface})
 

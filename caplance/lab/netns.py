@@ -39,6 +39,7 @@ from typing import Any
 import attrs
 import tomli_w
 
+from caplance import journal
 from caplance.lab.signals import ignoring_interrupts, restore_sigterm, take_sigterm
 
 __all__ = ["LAB_NETWORK4", "VIP4", "VIP6", "Lab", "LabHost"]
@@ -47,6 +48,11 @@ VIP4 = ipaddress.IPv4Address("10.99.0.1")
 VIP6 = ipaddress.IPv6Address("fd99::1")
 #: the lab's IPv4 network of balancers and backends (a balancer's ``allowed_networks``)
 LAB_NETWORK4 = ipaddress.IPv4Network("10.77.0.0/24")
+
+#: the sysctls :meth:`Lab.listing` shows: those the balancer and the agent set, and those the
+#: kernel changes with them (``ip_forward`` turns ``accept_redirects`` off)
+_SYSCTLS = (r"^net\.ipv4\.ip_forward$|^net\.ipv[46]\.conf\.[^.]+\."
+            r"(forwarding|accept_redirects|send_redirects|rp_filter|arp_ignore|arp_announce)$")
 
 
 @attrs.frozen
@@ -200,6 +206,7 @@ class Lab:
                     os.kill(int(pid), signal.SIGKILL)
                 except (ProcessLookupError, ValueError):
                     pass
+            self.forget_journals(name)
             for _ in range(3):
                 if _run(["ip", "netns", "del", name], check=False).returncode == 0:
                     break
@@ -270,13 +277,24 @@ class Lab:
         path.write_bytes(tomli_w.dumps(data).encode())
         return str(path)
 
+    @staticmethod
+    def forget_journals(netns: str) -> None:
+        """Delete the journals of host changes (:mod:`caplance.journal`) of namespace
+        ``netns``, which is being deleted: a namespace made later may get its inode, and
+        its first balancer would then undo changes made elsewhere."""
+        try:
+            inode = os.stat(f"/run/netns/{netns}").st_ino
+        except OSError:
+            return
+        journal.forget_netns(inode)
+
     def sysctl(self, role: str, name: str, value: str) -> None:
         self.run(role, "sysctl", "-q", "-w", f"{name}={value}")
 
     def listing(self, role: str) -> str:
         """Links (an attached XDP program shows there), addresses, routes (v4 and v6), the
-        nftables ruleset, tc qdiscs and eth0's tc filters of a host, for comparing before and
-        after."""
+        nftables ruleset, tc qdiscs, eth0's tc filters and the sysctls the balancer and the
+        agent touch (``_SYSCTLS``) of a host, for comparing before and after."""
         parts = [
             self.run(role, "ip", "-o", "link", "show").stdout,
             self.run(role, "ip", "-o", "addr", "show").stdout,
@@ -285,5 +303,6 @@ class Lab:
             self.run(role, "nft", "list", "ruleset").stdout,
             self.run(role, "tc", "qdisc", "show").stdout,
             self.run(role, "tc", "filter", "show", "dev", "eth0", "ingress").stdout,
+            self.run(role, "sysctl", "-a", "-r", _SYSCTLS, check=False).stdout,
         ]
         return "\n".join(parts)

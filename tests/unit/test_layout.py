@@ -16,7 +16,7 @@ PURE = [
     "caplance.control_codec", "caplance.plugins", "caplance.strategies", "caplance.strategies.maglev",
     "caplance.strategies.ring", "caplance.strategies.rendezvous", "caplance.control.membership",
     "caplance.dataplane", "caplance.dataplane.stats", "caplance.listeners", "caplance.security",
-    "caplance.control.identity",
+    "caplance.control.identity", "caplance.journal",
 ]
 FORBIDDEN = {"trio", "socket", "pyroute2", "pytun", "subprocess", "select", "selectors", "fcntl"}
 MAX_LINES = 520

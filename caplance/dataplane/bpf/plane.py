@@ -128,15 +128,13 @@ class BpfDataPlane:
                 if self.mode == "tc":
                     self._attach = lambda: libbpf.tc_attach(ifindex, prog)
                     self._detach = lambda: libbpf.tc_detach(ifindex)
-                    netops.attach_tc(self.interface, lambda index: self._attach(), lambda index: self._detach(),
-                                     libbpf.tc_hook_destroy)
+                    netops.attach_tc(self.interface, lambda index: self._attach())
                 else:
                     # bpf_fib_lookup (the next hop's MAC) answers only where forwarding is on
                     netops.set_sysctl(f"net.ipv4.conf.{self.interface}.forwarding", "1")
                     self._attach = lambda: libbpf.xdp_attach(ifindex, prog, native=True)
                     self._detach = lambda: libbpf.xdp_detach(ifindex, native=True)
-                    self._attach()
-                    netops.push_undo(f"detach the XDP program from {self.interface}", lambda: self._detach())
+                    netops.attach_xdp(self.interface, lambda index: self._attach(), native=True)
                 self.attached = True
                 log.info("kernel data plane attached", extra={"mode": self.mode, "interface": self.interface})
                 try:
