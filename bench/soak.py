@@ -30,6 +30,12 @@ backend broke or RSS grew more than ``--rss-slack`` MiB after the table first fi
 
 from __future__ import annotations
 
+import sys
+
+# bench/selectors.py would shadow the standard library's selectors (subprocess needs it).
+if sys.path and sys.path[0].rstrip("/").endswith("bench"):
+    sys.path.pop(0)
+
 import argparse
 import collections
 import ipaddress
@@ -38,7 +44,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -337,7 +342,10 @@ class Soak:
         fastpath = self.status.get("fastpath", {})
         if isinstance(fastpath, dict) and isinstance(fastpath.get("flows"), int):
             flows = max(flows, fastpath["flows"])
-        if self.full_at is None and flows >= 0.9 * self.args.max_flows:
+        evictions = sum(table.get("evictions", {}).values()) if isinstance(table, dict) else 0
+        # Full: at its bound (the table bounds flows still opening, as a flood's, by a segment
+        # of its own, so evictions are the sign it is full, not only ``max_flows``).
+        if self.full_at is None and (evictions or flows >= 0.9 * self.args.max_flows):
             self.full_at = elapsed
         self.samples.append((elapsed, rss, flows))
         with self.lock:
