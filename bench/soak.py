@@ -38,7 +38,6 @@ if sys.path and sys.path[0].rstrip("/").endswith("bench"):
 
 import argparse
 import collections
-import ipaddress
 import json
 import os
 import shutil
@@ -52,8 +51,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from caplance.lab import Lab  # noqa: E402
-from caplance.lab.netns import VIP4  # noqa: E402
+from caplance.lab import Lab
+from caplance.lab.netns import VIP4
 
 PY = [sys.executable]
 CAPLANCE = PY + ["-m", "caplance.cli"]

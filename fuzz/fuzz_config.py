@@ -29,7 +29,7 @@ with atheris.instrument_imports(include=["caplance"]):
     from caplance.configfile import load
     from caplance.errors import ConfigError
 
-from findings import Broken, record  # noqa: E402  (fuzz/ is the script's folder)
+from findings import Broken, record
 
 TARGET = "config"
 _FOLDER = Path(tempfile.mkdtemp(prefix="caplance-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))

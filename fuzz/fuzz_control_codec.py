@@ -27,7 +27,7 @@ import atheris
 with atheris.instrument_imports(include=["caplance"]):
     from caplance import control_codec as codec
 
-from findings import Broken, record  # noqa: E402  (fuzz/ is the script's folder)
+from findings import Broken, record
 
 TARGET = "control_codec"
 SECRET = b"fuzzing-secret-0123456789"

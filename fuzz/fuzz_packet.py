@@ -21,7 +21,7 @@ with atheris.instrument_imports(include=["caplance"]):
     from caplance.control_codec import probe_token
     from caplance.errors import MalformedPacket
 
-from findings import Broken, record  # noqa: E402  (fuzz/ is the script's folder)
+from findings import Broken, record
 
 TARGET = "packet"
 

@@ -74,7 +74,7 @@ def _seed_control_codec(folder: Path) -> None:
 def _seed_config(folder: Path) -> None:
     blocks: list[str] = []
     for page in sorted((ROOT / "docs").rglob("*.md")):
-        blocks += re.findall(r"```toml\n(.*?)```", page.read_text(), flags=re.S)
+        blocks += re.findall(r"```toml\n(.*?)```", page.read_text(), flags=re.DOTALL)
     for index, block in enumerate(blocks):
         (folder / f"seed-doc{index}-balancer").write_bytes(b"\x00" + block.encode())
         (folder / f"seed-doc{index}-agent").write_bytes(b"\x01" + block.encode())
@@ -107,7 +107,7 @@ def run(target: str, seconds: int, artifacts: Path) -> tuple[int, int, list[str]
     result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", check=False)
     (folder / "last-run.log").write_text(result.stdout)
-    stats = dict(re.findall(r"^stat::(\w+):\s+(\d+)", result.stdout, flags=re.M))
+    stats = dict(re.findall(r"^stat::(\w+):\s+(\d+)", result.stdout, flags=re.MULTILINE))
     findings = [path.read_text().splitlines()[0] for path in sorted(folder.glob("finding-*.txt"))]
     if result.returncode != 0 and not findings:  # libFuzzer itself stopped: a crash, a timeout, OOM
         crash = next(iter(sorted(folder.glob("crash-*")) + sorted(folder.glob("timeout-*"))
