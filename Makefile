@@ -8,7 +8,7 @@ BPF_DIR := caplance/dataplane/bpf
 BPF_OBJECTS := $(BPF_DIR)/balancer.bpf.o $(BPF_DIR)/decap.bpf.o caplance/lab/xdp_pass.bpf.o
 BPF_CFLAGS = -O2 -g -Wall -target bpf -I/usr/include/$$(gcc -dumpmachine)
 
-.PHONY: demo ecmp test setup debian-packages bpf lint clean
+.PHONY: demo ecmp test setup debian-packages bpf lint clean fuzz soak
 
 demo: setup
 	$(VENV)/bin/python examples/simple_vip.py
@@ -49,6 +49,19 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test,bench,dev,docs,nfqueue,exabgp]'
 	touch $(STAMP)
+
+# Not in CI: atheris on the packet parser, the control codec and the config loader,
+# FUZZ_SECONDS each; fails on a finding (saved under build/fuzz/<target>/).
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	$(VENV)/bin/pip install -q -e '.[fuzz]'
+	$(VENV)/bin/python fuzz/run.py --seconds $(FUZZ_SECONDS)
+
+# Not in CI: the lab for SOAK_MINUTES with churn, long and short flows and a SYN flood.
+SOAK_MINUTES ?= 10
+soak: setup
+	@command -v hping3 >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hping3)
+	$(VENV)/bin/python bench/soak.py --minutes $(SOAK_MINUTES)
 
 lint: setup
 	$(VENV)/bin/mypy caplance

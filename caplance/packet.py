@@ -307,10 +307,13 @@ def complete_checksum(packet: bytearray, start: int, offset: int) -> None:
     """Finish a partial checksum in place, as a NIC with checksum offload would.
 
     The sender left the pseudo-header sum at ``start + offset``; the checksum covers
-    ``packet[start:]`` (Linux ``csum_start`` / ``csum_offset``).
+    ``packet[start:]`` (Linux ``csum_start`` / ``csum_offset``). Raises
+    :class:`MalformedPacket` if the offsets do not fit or the packet is shorter than an IP header.
     """
     if start + offset + 2 > len(packet) or start < 0:
         raise MalformedPacket("bad_checksum_offset", f"start {start} offset {offset}")
+    if len(packet) < 20:  # the protocol byte below must be there (found by fuzz/fuzz_packet.py)
+        raise MalformedPacket("truncated", f"{len(packet)} bytes, an IP header needs 20")
     value = internet_checksum(memoryview(packet)[start:])
     if value == 0 and packet[9 if packet[0] >> 4 == 4 else 6] == IPPROTO_UDP:
         value = 0xFFFF  # UDP sends a computed 0 as all ones

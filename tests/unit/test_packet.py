@@ -257,3 +257,11 @@ def test_ip_length_ignores_link_padding() -> None:
     packet6 = ipv6(CLIENT6, VIP6, 17, udp(1, 2))
     assert ip_length(packet6 + b"\x00" * 3) == len(packet6)
     assert ip_length(b"\x45\x00") == 2
+
+
+@pytest.mark.parametrize("data", [b"\x00\xff\xff", b"\x45\x00\xff\xff\x00\x00", b"\x60" + b"\xff" * 5])
+def test_complete_checksum_refuses_a_packet_shorter_than_an_ip_header(data: bytes) -> None:
+    # Found by fuzz/fuzz_packet.py: a checksum that came out 0 made it read the protocol byte
+    # past the end (IndexError) instead of raising MalformedPacket.
+    with pytest.raises(MalformedPacket, match="truncated"):
+        complete_checksum(bytearray(data), 0, 0)
