@@ -152,6 +152,10 @@ class FrameDecoder:
                 decoded = json.loads(body)
             except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd integers
                 raise ProtocolError("bad_json", str(exc)[:80]) from exc
+            try:  # JSON's \ud800 escapes decode to strings no UTF-8 encoder takes (found by fuzzing)
+                json.dumps(decoded, ensure_ascii=False).encode()
+            except UnicodeEncodeError as exc:
+                raise ProtocolError("bad_json", "a string with a lone surrogate") from exc
             yield validate(decoded)
 
     @property

@@ -5,7 +5,8 @@ Contract (``caplance.control_codec``'s docstring): ``FrameDecoder.feed`` raises 
 yields passes ``validate`` (its schema's fields with their JSON types). Beyond the decoder,
 what the balancer and the agent do with a message's fields before they check them further
 must not raise either: the handshake's MACs over ``hello`` / ``challenge`` / ``register``
-fields (``mac``, ``verify_mac``, ``registration_fields``), and a decoded message encodes
+fields (``mac``, ``verify_mac``, ``registration_fields``), opening it as a sealed frame
+(``Seal.open``: ``ProtocolError`` at most), and a decoded message encodes
 again (``encode``: ``ProtocolError`` at most) into a frame that decodes to the same type.
 
 The first input byte picks the mode. Raw: the rest is the byte stream, with the decoder's
@@ -31,6 +32,7 @@ from findings import Broken, record
 
 TARGET = "control_codec"
 SECRET = b"fuzzing-secret-0123456789"
+SESSION_KEY = codec.session_key(SECRET, "nonce-a", "nonce-b")
 
 
 def _use(msg: dict) -> None:
@@ -43,6 +45,10 @@ def _use(msg: dict) -> None:
     elif kind == "register":  # the balancer checks the agent's proof over the fields
         codec.verify_mac(SECRET, msg["proof"], "agent", "nonce-b", "nonce-a",
                          *codec.registration_fields(msg))
+    try:  # a frame of a sealed session: only ProtocolError (unsealed, forged, ...) may come out
+        codec.Seal(SESSION_KEY, "balancer").open(msg)
+    except codec.ProtocolError:
+        pass
     try:
         frame = codec.encode(msg)
     except codec.ProtocolError:

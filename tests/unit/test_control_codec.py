@@ -223,3 +223,12 @@ def test_any_change_to_a_sealed_frame_is_caught(field: str, value: object) -> No
         return  # the codec already refuses it
     with pytest.raises(codec.ProtocolError):
         balancer.open(decoded)
+
+
+def test_a_lone_surrogate_is_a_protocol_error_not_a_crash() -> None:
+    """Found by `make fuzz`: JSON may escape a surrogate that no UTF-8 encoder takes; the
+    balancer's MAC over the name then raised UnicodeEncodeError (an internal error)."""
+    body = b'{"v":1,"type":"hello","name":"\\ud800","nonce":"n"}'
+    with pytest.raises(codec.ProtocolError) as raised:
+        list(codec.FrameDecoder().feed(struct.pack("!I", len(body)) + body))
+    assert raised.value.reason == "bad_json"
