@@ -401,8 +401,11 @@ def has_partial_checksum(packet: bytes) -> bool:
 
     Linux leaves that value there for checksum offload (``CHECKSUM_PARTIAL``); a raw socket
     hands such packets up unchanged when the sender is on the same host or a veth peer.
-    Only plain IPv4/IPv6 headers without extension headers are examined; others return False.
+    Only plain IPv4/IPv6 headers without extension headers are examined; others (and
+    anything shorter than an IPv4 header) return False.
     """
+    if len(packet) < 20:
+        return False
     version = packet[0] >> 4
     if version == 4:
         l4 = (packet[0] & 0x0F) * 4
