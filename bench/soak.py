@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from caplance.lab import Lab
-from caplance.lab.netns import VIP4
+from caplance.lab.netns import LAB_NETWORK4, VIP4
 
 PY = [sys.executable]
 CAPLANCE = PY + ["-m", "caplance.cli"]
@@ -74,6 +74,8 @@ def _emit(event: dict[str, Any]) -> None:
 async def _long_flow(index: int, host: str, interval: float, stall: float, stop: Any) -> None:
     import trio
 
+    from caplance.lab.http import read_greeting
+
     while not stop.is_set():
         sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
         await sock.bind(("0.0.0.0", 0))
@@ -82,15 +84,7 @@ async def _long_flow(index: int, host: str, interval: float, stall: float, stop:
             with trio.fail_after(5):
                 await sock.connect((host, ECHO_PORT))
             stream = trio.SocketStream(sock)
-            buffered = b""
-            with trio.fail_after(5):
-                while b"\n" not in buffered:
-                    more = await stream.receive_some(4096)
-                    if not more:
-                        raise trio.BrokenResourceError("closed before the greeting")
-                    buffered += more
-            greeting, _, buffered = buffered.partition(b"\n")
-            backend = greeting.decode(errors="replace")
+            backend, buffered = await read_greeting(stream)
             _emit({"e": "open", "i": index, "b": backend, "port": port, "t": opened})
             while not stop.is_set():
                 chunk = f"{index}:{chunks}:".encode().ljust(64, b".")
@@ -227,7 +221,7 @@ class Soak:
             "listener": {"kind": "tun"},
             "control_socket": str(self.lab.workdir / "balancer.sock"),
             "control": f"{self.lab.hosts['lb'].ipv4}:7000",
-            "allowed_networks": ["10.77.0.0/24"],
+            "allowed_networks": [str(LAB_NETWORK4)],
             "heartbeat_timeout": 2.0, "proof_timeout": 2.0, "drain_idle": 0.2,
             "fastpath": {"mode": "tc" if plane == "tc" else "off"},
             "conntrack": {"enabled": True, "max_flows": self.args.max_flows},

@@ -310,20 +310,17 @@ class NetOps:
         libbpf call, handle 1, priority 1); undo detaches it and, when no other filter is left
         on the clsact qdisc (one it made, or one only a crashed run of ours used), removes the
         qdisc: the interface is left as it was."""
-        index = self.ifindex(ifname)
-        entry = self._record("tc", ifname=ifname)
-        try:
-            attach(index)
-        except BaseException:
-            self._skip(entry)
-            raise
-        self._made(entry)
+        self._attach_program("tc", ifname, attach)
 
     def attach_xdp(self, ifname: str, attach: Callable[[int], object], *, native: bool = True) -> None:
         """Attach an XDP program to ``ifname`` with ``attach(ifindex)`` (a libbpf call, in
         driver mode if ``native``); undo detaches it."""
+        self._attach_program("xdp", ifname, attach, native=native)
+
+    def _attach_program(self, kind: str, ifname: str, attach: Callable[[int], object], **fields: Any) -> None:
+        """Journal a program attachment of ``kind``, then ``attach(ifindex)``."""
         index = self.ifindex(ifname)
-        entry = self._record("xdp", ifname=ifname, native=native)
+        entry = self._record(kind, ifname=ifname, **fields)
         try:
             attach(index)
         except BaseException:

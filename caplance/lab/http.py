@@ -206,6 +206,19 @@ class Stream:
     error: str | None
 
 
+async def read_greeting(stream: trio.SocketStream, timeout: float = 5) -> tuple[str, bytes]:
+    """The echo server's first line (the backend's name) and what came after it."""
+    buffered = b""
+    with trio.fail_after(timeout):
+        while b"\n" not in buffered:
+            more = await stream.receive_some(4096)
+            if not more:
+                raise trio.BrokenResourceError("closed before the greeting")
+            buffered += more
+    greeting, _, buffered = buffered.partition(b"\n")
+    return greeting.decode(errors="replace"), buffered
+
+
 async def _one_stream(host: str, port: int, seconds: float, interval: float, index: int) -> Stream:
     sock = await _bound_socket(host, trio.socket.SOCK_STREAM)
     source_port, served_by, chunks = sock.getsockname()[1], None, 0
@@ -213,15 +226,7 @@ async def _one_stream(host: str, port: int, seconds: float, interval: float, ind
         with trio.fail_after(5):
             await sock.connect((host, port))
         stream = trio.SocketStream(sock)
-        buffered = b""
-        with trio.fail_after(5):
-            while b"\n" not in buffered:
-                more = await stream.receive_some(4096)
-                if not more:
-                    raise trio.BrokenResourceError("closed before the greeting")
-                buffered += more
-        greeting, _, buffered = buffered.partition(b"\n")
-        served_by = greeting.decode(errors="replace")
+        served_by, buffered = await read_greeting(stream)
         deadline = trio.current_time() + seconds
         while trio.current_time() < deadline:
             chunk = f"{index}:{chunks}:".encode().ljust(64, b".")
