@@ -5,7 +5,8 @@ A page asks for a generated block with an HTML comment on a line of its own:
 * ``<!-- generated: config balancer -->`` / ``<!-- generated: config agent -->`` -- every
   key of :class:`~caplance.config.BalancerConfig` / :class:`~caplance.config.AgentConfig`
   and the tables below them, from ``attrs.fields``: key, type, default and the ``doc``
-  metadata each field carries;
+  metadata each field carries (``secret`` is shown as no file key: the loader refuses it in a
+  file), in a ``<div class="file-reference">`` the stylesheet keeps from breaking keys;
 * ``<!-- generated: env balancer -->`` / ``<!-- generated: env agent -->`` -- the
   ``CAPLANCE_*`` variable for every key;
 * ``<!-- generated: cli -->`` -- the help of every ``caplance`` command, from
@@ -197,9 +198,14 @@ def config_reference(root: str) -> str:
         out.append("| --- | --- | --- | --- |")
         for row in table:
             meaning = row.doc.replace("|", "\\|")
+            if _optional(row.kind)[0] is cfg.Secret:  # the loader refuses it in a file
+                out.append(f"| `{row.name}` | **not a file key**: `{cfg.SECRET_ENV}` or `secret_file` | -- "
+                           f"| {meaning} |")
+                continue
             out.append(f"| `{row.name}` | {type_text(row.kind, root)} | {default_text(row)} | {meaning} |")
         out.append("")
-    return "\n".join(out)
+    # The key column must not break a name mid-word: docs/stylesheets/extra.css styles it.
+    return '<div class="file-reference" markdown>\n\n' + "\n".join(out) + "\n</div>\n"
 
 
 def env_variables(root: str) -> list[tuple[str, str, str]]:
