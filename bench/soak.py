@@ -74,7 +74,7 @@ def _emit(event: dict[str, Any]) -> None:
 async def _long_flow(index: int, host: str, interval: float, stall: float, stop: Any) -> None:
     import trio
 
-    from caplance.lab.http import read_greeting
+    from caplance.lab.http import echo_chunk, read_greeting
 
     while not stop.is_set():
         sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
@@ -87,17 +87,7 @@ async def _long_flow(index: int, host: str, interval: float, stall: float, stop:
             backend, buffered = await read_greeting(stream)
             _emit({"e": "open", "i": index, "b": backend, "port": port, "t": opened})
             while not stop.is_set():
-                chunk = f"{index}:{chunks}:".encode().ljust(64, b".")
-                await stream.send_all(chunk)
-                with trio.fail_after(stall):
-                    while len(buffered) < len(chunk):
-                        more = await stream.receive_some(4096)
-                        if not more:
-                            raise trio.BrokenResourceError("closed by the server")
-                        buffered += more
-                if buffered[:len(chunk)] != chunk:
-                    raise ValueError(f"chunk {chunks} came back changed or out of order")
-                buffered = buffered[len(chunk):]
+                buffered = await echo_chunk(stream, buffered, index, chunks, timeout=stall)
                 chunks += 1
                 await trio.sleep(interval)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, ValueError) as exc:
@@ -136,12 +126,10 @@ async def _short_client(host: str, rate: float, timeout: float) -> None:
                 while True:  # batches of a second's worth: memory stays bounded
                     result = await fetch_many(host, count=max(1, int(rate)), concurrency=16,
                                               timeout=timeout, rate=rate)
-                    for attempt in result.attempts:
-                        if attempt.served_by:
-                            ok += 1
-                        else:
-                            failed += 1
-                            errors[(attempt.error or "?").split("(")[0]] += 1
+                    ok += sum(result.served.values())
+                    failed += result.failed
+                    for failure in result.failures:  # "port N: error": counted by kind of error
+                        errors[failure.partition(": ")[2].split("(")[0] or "?"] += 1
                     _emit({"e": "requests", "ok": ok, "failed": failed, "errors": dict(errors)})
 
             nursery.start_soon(loop)

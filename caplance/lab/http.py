@@ -219,6 +219,24 @@ async def read_greeting(stream: trio.SocketStream, timeout: float = 5) -> tuple[
     return greeting.decode(errors="replace"), buffered
 
 
+async def echo_chunk(stream: trio.SocketStream, buffered: bytes, index: int, number: int, *,
+                     timeout: float) -> bytes:
+    """Send stream ``index``'s chunk ``number`` (64 bytes) and wait for its echo; what came
+    after it. Raises ``BrokenResourceError`` (closed), ``TooSlowError`` or ``ValueError``
+    (the echo came back changed or out of order)."""
+    chunk = f"{index}:{number}:".encode().ljust(64, b".")
+    await stream.send_all(chunk)
+    with trio.fail_after(timeout):
+        while len(buffered) < len(chunk):
+            more = await stream.receive_some(4096)
+            if not more:
+                raise trio.BrokenResourceError("closed by the server")
+            buffered += more
+    if buffered[:len(chunk)] != chunk:
+        raise ValueError(f"chunk {number} came back changed or out of order")
+    return buffered[len(chunk):]
+
+
 async def _one_stream(host: str, port: int, seconds: float, interval: float, index: int) -> Stream:
     sock = await _bound_socket(host, trio.socket.SOCK_STREAM)
     source_port, served_by, chunks = sock.getsockname()[1], None, 0
@@ -229,17 +247,7 @@ async def _one_stream(host: str, port: int, seconds: float, interval: float, ind
         served_by, buffered = await read_greeting(stream)
         deadline = trio.current_time() + seconds
         while trio.current_time() < deadline:
-            chunk = f"{index}:{chunks}:".encode().ljust(64, b".")
-            await stream.send_all(chunk)
-            with trio.fail_after(3):
-                while len(buffered) < len(chunk):
-                    more = await stream.receive_some(4096)
-                    if not more:
-                        raise trio.BrokenResourceError("closed by the server")
-                    buffered += more
-            if buffered[:len(chunk)] != chunk:
-                raise ValueError(f"chunk {chunks} came back changed or out of order")
-            buffered = buffered[len(chunk):]
+            buffered = await echo_chunk(stream, buffered, index, chunks, timeout=3)
             chunks += 1
             await trio.sleep(interval)
         await stream.aclose()
