@@ -7,8 +7,13 @@ DEBIAN_PACKAGES := iproute2 nftables iptables ethtool procps kmod gcc python3-de
 BPF_DIR := caplance/dataplane/bpf
 BPF_OBJECTS := $(BPF_DIR)/balancer.bpf.o $(BPF_DIR)/decap.bpf.o caplance/lab/xdp_pass.bpf.o
 BPF_CFLAGS = -O2 -g -Wall -target bpf -I/usr/include/$$(gcc -dumpmachine)
+# The docs site's diagrams: Mermaid from the npm registry, bundled into the site (no CDN at
+# view time), and jsdom for the test that parses every diagram with it under node.
+NPM_DIR := build/npm
+NPM_PACKAGES := mermaid@11.17.2 jsdom@26.1.0
+NPM_STAMP := $(NPM_DIR)/.installed-$(subst @,-,$(subst $() ,_,$(NPM_PACKAGES)))
 
-.PHONY: demo ecmp test setup debian-packages bpf lint clean fuzz soak
+.PHONY: demo ecmp test setup debian-packages npm bpf lint clean fuzz soak
 
 demo: setup
 	$(VENV)/bin/python examples/simple_vip.py
@@ -21,7 +26,7 @@ test: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 	$(VENV)/bin/python -m pytest
 
-setup: debian-packages $(STAMP) bpf
+setup: debian-packages $(STAMP) bpf npm
 
 # The kernel data plane's programs: clang -target bpf, shipped beside the Python as package data.
 bpf: $(BPF_OBJECTS)
@@ -43,6 +48,18 @@ debian-packages:
 	  echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES); \
 	fi
+
+# npm and node: Debian's nodejs and npm only when npm is missing (a machine may have another
+# node, e.g. NodeSource's, which Debian's npm conflicts with). The packages are installed once
+# (offline afterwards) and again only when NPM_PACKAGES changes.
+npm: $(NPM_STAMP)
+
+$(NPM_STAMP):
+	@command -v npm >/dev/null || (echo "installing Debian packages: nodejs npm"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+	rm -rf $(NPM_DIR)
+	npm install --prefix $(NPM_DIR) --save-exact --no-audit --no-fund --loglevel=error $(NPM_PACKAGES)
+	touch $@
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

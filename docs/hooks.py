@@ -12,7 +12,9 @@ A page asks for a generated block with an HTML comment on a line of its own:
 * ``<!-- generated: cli -->`` -- the help of every ``caplance`` command, from
   :func:`caplance.cli.build_parser`.
 
-An unknown marker fails the build. ``tests/unit/test_docs.py`` imports this module too.
+An unknown marker fails the build. The hooks also put Mermaid's browser build, installed by
+``make setup`` from the npm registry into ``build/npm``, into the site (``MERMAID_SCRIPT``),
+so diagrams render with no network. ``tests/unit/test_docs.py`` imports this module too.
 """
 
 from __future__ import annotations
@@ -24,12 +26,23 @@ import os
 import re
 import typing
 from collections.abc import Iterator, Mapping
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from caplance import config as cfg
 from caplance.cli import build_parser
+
+if TYPE_CHECKING:  # the tests import this module without the docs extra
+    from mkdocs.config.defaults import MkDocsConfig
+    from mkdocs.structure.files import Files
+
+#: Where ``make setup`` installs Mermaid from the npm registry (``npm install --prefix``).
+NPM_DIR = Path(__file__).resolve().parents[1] / "build" / "npm"
+#: Where the site gets Mermaid's browser build (it defines ``window.mermaid``, so Material
+#: does not fetch one from unpkg.com); mkdocs.yml's ``extra_javascript`` loads it.
+MERMAID_SCRIPT = "javascripts/mermaid.min.js"
 
 MARKER = re.compile(r"^([ \t]*)<!-- generated: ([a-z]+)(?: ([a-z]+))? -->$", re.MULTILINE)
 ROOTS: dict[str, type] = {"balancer": cfg.BalancerConfig, "agent": cfg.AgentConfig}
@@ -302,3 +315,16 @@ def expand(markdown: str) -> str:
 
 def on_page_markdown(markdown: str, **_: Any) -> str:
     return expand(markdown)
+
+
+def on_files(files: Files, config: MkDocsConfig) -> Files:
+    """Mermaid's browser build into the site, where ``extra_javascript`` loads it."""
+    from mkdocs.exceptions import PluginError
+    from mkdocs.structure.files import File
+
+    source = NPM_DIR / "node_modules" / "mermaid" / "dist" / "mermaid.min.js"
+    if not source.is_file():
+        raise PluginError(f"{source} is missing: `make npm` (part of `make setup`) installs "
+                          "Mermaid from the npm registry for the site's diagrams")
+    files.append(File.generated(config, MERMAID_SCRIPT, abs_src_path=str(source)))
+    return files

@@ -8,14 +8,19 @@ tests are skipped.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import textwrap
 import tomllib
+from html.parser import HTMLParser
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import pytest
@@ -140,6 +145,142 @@ def test_an_unknown_marker_fails_the_build() -> None:
 def test_markers_inside_admonitions_keep_their_indentation() -> None:
     expanded = hooks.expand("??? note\n\n    <!-- generated: env agent -->\n")
     assert "\n    | variable | key | value |\n" in expanded
+
+
+# -- the site works with no network -------------------------------------------------------
+
+#: ``<link rel=...>`` kinds the browser fetches (or connects for) when the page loads.
+_FETCHED_LINKS = {"stylesheet", "preload", "modulepreload", "prefetch", "preconnect",
+                  "dns-prefetch", "icon", "apple-touch-icon", "manifest"}
+_CSS_URL = re.compile(r"""@import\s+(?:url\()?\s*["']?([^"')\s;]+)|url\(\s*["']?([^"')\s]+)""")
+
+
+class _Loads(HTMLParser):
+    """What an HTML page loads at view time: (what, URL) pairs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads: list[tuple[str, str]] = []
+        self._in_style = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attr = {name: value or "" for name, value in attrs}
+        rel = set(attr.get("rel", "").lower().split())
+        if tag == "script" and "src" in attr:
+            self.loads.append(("script", attr["src"]))
+        elif tag == "link" and rel & _FETCHED_LINKS:
+            self.loads.append((f"link rel={'/'.join(sorted(rel))}", attr.get("href", "")))
+        elif tag in ("img", "source", "iframe", "video", "audio", "embed"):
+            for name in ("src", "poster"):
+                if name in attr:
+                    self.loads.append((tag, attr[name]))
+            for candidate in attr.get("srcset", "").split(","):
+                if candidate.strip():
+                    self.loads.append((f"{tag} srcset", candidate.split()[0]))
+        elif tag == "object" and "data" in attr:
+            self.loads.append((tag, attr["data"]))
+        if tag == "style":
+            self._in_style = True
+        self._css("style attribute", attr.get("style", ""))
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_style = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_style:
+            self._css("inline <style>", data)
+
+    def _css(self, what: str, css: str) -> None:
+        for match in _CSS_URL.finditer(css):
+            self.loads.append((what, match.group(1) or match.group(2)))
+
+
+def _foreign(url: str, own_host: str) -> bool:
+    parts = urlsplit(url.strip())
+    # "https://x/a" and "//x/a" name a host; "a/b", "../a" and "data:..." do not
+    return bool(parts.netloc) and parts.netloc != own_host
+
+
+@needs_mkdocs
+def test_no_page_loads_anything_from_another_host(site: Path) -> None:
+    """An offline or air-gapped reader gets the whole site: no script, stylesheet, font or
+    image comes from a CDN (Material's Google Fonts, Mermaid from unpkg) at view time. Links
+    to other sites are fine."""
+    own_host = urlsplit(os.environ.get("CAPLANCE_SITE_URL", "")).netloc
+    foreign = []
+    for page in sorted(site.rglob("*.html")):
+        parser = _Loads()
+        parser.feed(page.read_text())
+        foreign += [f"{page.relative_to(site)}: {what} {url}"
+                    for what, url in parser.loads if _foreign(url, own_host)]
+    for sheet in sorted(site.rglob("*.css")):
+        foreign += [f"{sheet.relative_to(site)}: {url}"
+                    for match in _CSS_URL.finditer(sheet.read_text())
+                    for url in [match.group(1) or match.group(2)] if _foreign(url, own_host)]
+    assert not foreign, "the site loads from other hosts:\n" + "\n".join(foreign[:40])
+
+
+@needs_mkdocs
+def test_pages_with_diagrams_load_the_bundled_mermaid(site: Path) -> None:
+    """Material fetches Mermaid from unpkg.com unless the page has defined ``window.mermaid``
+    by then: every page with a diagram loads the copy the build bundled, and that copy
+    defines it."""
+    bundled = site / hooks.MERMAID_SCRIPT
+    assert 'globalThis["mermaid"]' in bundled.read_text()[-500:], "not the build for <script>"
+    pages = [page for page in sorted(site.rglob("*.html")) if 'class="mermaid"' in page.read_text()]
+    assert len(pages) >= 2
+    for page in pages:
+        parser = _Loads()
+        parser.feed(page.read_text())
+        scripts = [(page.parent / url).resolve() for what, url in parser.loads if what == "script"]
+        assert bundled.resolve() in scripts, f"{page.relative_to(site)}: no {hooks.MERMAID_SCRIPT}"
+
+
+def mermaid_diagrams() -> list[tuple[str, int, str]]:
+    """Every ```mermaid block of the docs: (page, line, text)."""
+    found = []
+    for page in sorted(DOCS.rglob("*.md")):
+        text = page.read_text()
+        for match in re.finditer(r"^( *)```mermaid\n(.*?)^\1```", text, re.MULTILINE | re.DOTALL):
+            found.append((str(page.relative_to(DOCS)), text.count("\n", 0, match.start()) + 1,
+                          textwrap.dedent(match.group(2))))
+    return found
+
+
+#: Parses each diagram of a JSON list on stdin with the bundled Mermaid; prints one error
+#: message (or null) per diagram. Mermaid sanitizes labels with DOMPurify, which needs a
+#: window: jsdom's, made global before Mermaid (and DOMPurify in it) is imported.
+_PARSE_DIAGRAMS = """
+import { readFileSync } from "node:fs";
+import { JSDOM } from "jsdom";
+globalThis.window = new JSDOM("").window;
+const { default: mermaid } = await import("mermaid");
+const results = [];
+for (const text of JSON.parse(readFileSync(0, "utf8"))) {
+  try { await mermaid.parse(text); results.push(null); }
+  catch (error) { results.push(String(error && error.message || error)); }
+}
+console.log(JSON.stringify(results));
+"""
+
+
+def test_every_diagram_parses() -> None:
+    """What the browser would do with each diagram, in one node process over the Mermaid the
+    site bundles: a diagram Mermaid cannot parse shows as raw text."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed (make setup installs Debian's nodejs)")
+    assert (hooks.NPM_DIR / "node_modules" / "mermaid").is_dir(), \
+        f"Mermaid is not installed in {hooks.NPM_DIR} (`make npm`, part of `make setup`)"
+    diagrams = mermaid_diagrams()
+    assert len(diagrams) >= 3
+    done = subprocess.run([node, "--input-type=module", "-e", _PARSE_DIAGRAMS], cwd=hooks.NPM_DIR,
+                          input=json.dumps([text for _, _, text in diagrams]),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = [f"docs/{page}:{line}: {error}" for (page, line, _), error
+              in zip(diagrams, json.loads(done.stdout.splitlines()[-1]), strict=True) if error]
+    assert not errors, "Mermaid cannot parse:\n" + "\n\n".join(errors)
 
 
 # -- what the pages show is what the code does ---------------------------------------------
