@@ -291,6 +291,7 @@ async def test_metrics_endpoint_serves_the_counters(tmp_path: Path) -> None:
 
             text = await get("/metrics")
             assert text.startswith("HTTP/1.0 200")
+            assert "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n" in text
             assert "caplance_packets_in_total 11" in text
             assert 'caplance_forwarded_packets_total{backend="a"} 10' in text
             assert 'caplance_dropped_packets_total{reason="malformed_bad_version"} 1' in text

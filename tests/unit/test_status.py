@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from caplance.control.ctl import format_status
-from caplance.control.metrics import render
+from caplance.control.metrics import StatusCollector, render
 
 
 def status(**backend: Any) -> dict[str, Any]:
@@ -55,9 +58,9 @@ def test_backend_up_is_one_only_for_an_active_healthy_backend() -> None:
 
 
 def test_metrics_show_each_vips_announcement() -> None:
-    text = render(status())
-    assert 'caplance_vip_announced{vip="10.99.0.1",announcer="bird"} 1' in text
-    assert 'caplance_vip_announced{vip="10.99.0.2",announcer="bird"} 0' in text
+    text = render(status())  # prometheus-client writes label names sorted
+    assert 'caplance_vip_announced{announcer="bird",vip="10.99.0.1"} 1' in text
+    assert 'caplance_vip_announced{announcer="bird",vip="10.99.0.2"} 0' in text
     assert 'caplance_announcement_changes_total{change="withdrawals"} 1' in text
 
 
@@ -71,3 +74,32 @@ def test_refusals_are_listed_with_their_source_and_counted_by_reason() -> None:
     assert 'caplance_registrations_refused_total{reason="auth"} 1' in metrics
     quiet = {**status(), "refusals": {"recent": [], "total": {}}}
     assert "refus" not in format_status(quiet)
+
+
+@pytest.mark.parametrize("snapshot", [
+    status(), status(state="paused", health="checks failing"),
+    {**status(), "backends": [], "conntrack": "off", "fastpath": {}, "announcements": {}, "dataplane": {}},
+], ids=["full", "paused", "bare"])
+def test_metrics_parse_back_to_the_collected_families(snapshot: dict[str, Any]) -> None:
+    """The text parses (prometheus-client's own parser) to the collector's families: same names,
+    types, help and samples, in order; counters keep their ``_total`` names."""
+    def families(items: Any) -> list[tuple[Any, ...]]:
+        return [(f.name, f.type, f.documentation, [(s.name, s.labels, s.value) for s in f.samples]) for f in items]
+
+    text = render(snapshot)
+    parsed = families(text_string_to_metric_families(text))
+    assert parsed == families(StatusCollector(snapshot).collect())
+    assert len(parsed) == text.count("# TYPE ")
+    for line in text.splitlines():
+        if line.startswith("# TYPE ") and line.endswith(" counter"):
+            assert line.split()[2].endswith("_total"), line
+
+
+def test_metrics_values_are_the_snapshots() -> None:
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(render(status())) for s in f.samples}
+    assert samples[("caplance_packets_in_total", ())] == 7
+    assert samples[("caplance_forwarded_bytes_total", (("backend", "be1"),))] == 500
+    assert samples[("caplance_registrations_refused_total", (("reason", "name_held"),))] == 21
+    assert samples[("caplance_backend_weight", (("backend", "be1"),))] == 2
+    assert samples[("caplance_vip_announced", (("announcer", "bird"), ("vip", "10.99.0.2")))] == 0
