@@ -104,6 +104,8 @@ def render(status: Mapping[str, Any]) -> str:
     flows = status.get("conntrack")
     if flows:
         lines += _family("caplance_conntrack_flows", "gauge", "Flows in the table.", [({}, flows["size"])])
+        lines += _family("caplance_conntrack_max_flows", "gauge", "The table's bound (summed over workers).",
+                         [({}, flows["max_flows"])])
         lines += _family("caplance_conntrack_hits_total", "counter", "Table hits.", [({}, flows["hits"])])
         lines += _family("caplance_conntrack_misses_total", "counter", "Table misses.", [({}, flows["misses"])])
         lines += _family("caplance_conntrack_evictions_total", "counter", "Entries evicted when full.",
