@@ -53,6 +53,7 @@ def test_backend_up_is_one_only_for_an_active_healthy_backend() -> None:
     assert 'caplance_backend_state{backend="be1",state="active"} 0' in paused
     assert "caplance_worker_restarts_total 1" in paused
     assert "caplance_conntrack_flows 3" in paused
+    assert "caplance_conntrack_max_flows 10" in paused
     assert 'caplance_fastpath_attached{mode="tc"} 1' in paused
     assert 'caplance_fastpath_passed_up_total{reason="fragment"} 2' in paused
 
