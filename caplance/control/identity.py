@@ -59,9 +59,9 @@ class NameBindings:
     def bind(self, name: str, holder: Holder) -> None:
         self._held[name] = holder
 
-    def release(self, name: str) -> bool:
-        """Unbind ``name``; whether it was bound."""
-        return self._held.pop(name, None) is not None
+    def release(self, name: str) -> Holder | None:
+        """Unbind ``name``; who held it (None: nobody)."""
+        return self._held.pop(name, None)
 
     def get(self, name: str) -> Holder | None:
         return self._held.get(name)
@@ -76,7 +76,6 @@ class NameBindings:
 @attrs.define
 class _Refusal:
     count: int
-    first_seen: float
     last_seen: float
     last_logged: float
 
@@ -97,7 +96,7 @@ class Refusals:
         key = (address, reason)
         seen = self._recent.pop(key, None)  # re-inserted last: the dict stays in last-seen order
         if seen is None:
-            seen = _Refusal(count=0, first_seen=now, last_seen=now, last_logged=float("-inf"))
+            seen = _Refusal(count=0, last_seen=now, last_logged=float("-inf"))
         seen.count += 1
         seen.last_seen = now
         self._recent[key] = seen

@@ -238,8 +238,8 @@ class ControlPlane:
     def release(self, name: str) -> str:
         """Unbind ``name`` from the agent that holds it (``caplance ctl release``): the next
         agent to register under it, from anywhere, gets it. Raises :class:`CaplanceError`."""
-        holder = self.names.get(name)
-        if holder is None or not self.names.release(name):
+        holder = self.names.release(name)
+        if holder is None:
             raise CaplanceError(f"{name} is not held by any agent")
         log.warning("backend name released by operator", extra={"backend": name, "holder": holder.describe()})
         return f"{name}: released (was held by {holder.describe()})"
