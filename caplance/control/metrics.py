@@ -2,13 +2,13 @@
 
 :func:`render` (pure) turns a status snapshot into the text exposition format, through
 prometheus-client (:class:`StatusCollector` yields the families; the library writes the text);
-:func:`serve_metrics` answers HTTP GETs with it. One request per connection, bounded by a timeout.
+:func:`serve_metrics` answers HTTP GETs with it (through h11, keep-alive as scrapers use it;
+each request bounded by a timeout).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -18,11 +18,11 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from caplance.config import Endpoint
+from caplance.httpio import Request, Response, serve_connection
 from caplance.sockets import open_listeners
 
 __all__ = ["StatusCollector", "StatusSource", "render", "serve_metrics"]
 
-log = logging.getLogger(__name__)
 _TIMEOUT = 5.0
 #: the format :func:`generate_latest` writes (``CONTENT_TYPE_LATEST`` is 1.0.0, which needs
 #: name-escaping negotiation we do not do)
@@ -152,22 +152,15 @@ async def serve_metrics(source: StatusSource, endpoint: Endpoint, *,
 
 
 async def _answer(source: StatusSource, stream: trio.SocketStream) -> None:
-    async with stream:
-        try:
-            with trio.fail_after(_TIMEOUT):
-                request = b""
-                while b"\r\n\r\n" not in request and len(request) < 8192:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        return
-                    request += chunk
-                if request.split(b" ", 2)[:2] == [b"GET", b"/metrics"]:
-                    # The snapshot on the loop, the text in a thread: rendering 1000 backends takes
-                    # ~50 ms, which must not hold up an in-process data plane in one piece.
-                    body = (await trio.to_thread.run_sync(render, source.status())).encode()
-                    head = b"HTTP/1.0 200 OK\r\nContent-Type: " + _CONTENT_TYPE + b"\r\n"
-                else:
-                    body, head = b"not found\n", b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
-                await stream.send_all(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the balancer
-            log.debug("metrics request failed", extra={"error": repr(exc)})
+    await serve_connection(stream, functools.partial(_respond, source), timeout=_TIMEOUT)
+
+
+async def _respond(source: StatusSource, asked: Request) -> Response:
+    if asked.path != b"/metrics":
+        return Response(404, b"not found\n")
+    if asked.method not in (b"GET", b"HEAD"):
+        return Response(405, b"only GET\n", headers=((b"Allow", b"GET, HEAD"),))
+    # The snapshot on the loop, the text in a thread: rendering 1000 backends takes ~50 ms,
+    # which must not hold up an in-process data plane in one piece.
+    body = (await trio.to_thread.run_sync(render, source.status())).encode()
+    return Response(200, body, content_type=_CONTENT_TYPE)

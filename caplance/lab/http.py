@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
 
+from caplance.httpio import HttpError, Request, Response, request, serve_connection
+
 __all__ = ["KEPT_FAILURES", "Attempt", "FetchResult", "fetch_many", "format_served", "serve_name"]
 
-_MAX_REQUEST = 8192
 _MAX_BODY = 16 * 1024 * 1024
 
 
@@ -24,36 +26,15 @@ async def _serve_tcp(handle: Callable[[trio.SocketStream], Awaitable[None]], por
 
 async def serve_name(name: str, *, port: int = 80,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Answer every HTTP request on ``port`` (all addresses, IPv4 and IPv6) with ``name``."""
-    body = name.encode()
-    response = (
-        b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-    )
+    """Answer every HTTP request on ``port`` (all addresses, IPv4 and IPv6) with ``name``,
+    reading a POST's body whole first."""
+    answer = Response(200, name.encode())
 
-    async def handle(stream: trio.SocketStream) -> None:
-        request = b""
-        with trio.move_on_after(10):
-            while b"\r\n\r\n" not in request and len(request) < _MAX_REQUEST:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    break
-                request += chunk
-            head, _, body = request.partition(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length" and value.strip().isdigit():
-                    length = min(int(value), _MAX_BODY)
-            while len(body) < length:  # a POST: read it all before answering
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    break
-                body += chunk
-            await stream.send_all(response)
-        await stream.aclose()
+    async def respond(_: Request) -> Response:
+        return answer
 
-    await _serve_tcp(handle, port, task_status)
+    await _serve_tcp(functools.partial(serve_connection, handle=respond, timeout=10, max_body=_MAX_BODY),
+                     port, task_status)
 
 
 @attrs.frozen
@@ -123,22 +104,14 @@ async def _fetch_once(host: str, port: int, timeout: float, body: int = 0, sourc
             await sock.connect((host, port))
             stream = trio.SocketStream(sock)
             async with stream:
-                if body:
-                    await stream.send_all(f"POST / HTTP/1.0\r\nHost: {host}\r\nContent-Length: {body}"
-                                          "\r\n\r\n".encode() + b"x" * body)
-                else:
-                    await stream.send_all(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-                reply = b""
-                while chunk := await stream.receive_some(4096):
-                    reply += chunk
-    except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                reply = await request(stream, "POST" if body else "GET", "/", host=host, body=b"x" * body)
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError, HttpError) as exc:
         return Attempt(source_port, None, repr(exc), source)
     finally:
         sock.close()
-    head, _, answer = reply.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.0 200"):
-        return Attempt(source_port, None, f"unexpected reply {head[:40]!r}", source)
-    return Attempt(source_port, answer.decode(errors="replace"), None, source)
+    if reply.status != 200:
+        return Attempt(source_port, None, f"unexpected reply: status {reply.status}", source)
+    return Attempt(source_port, reply.body.decode(errors="replace"), None, source)
 
 
 async def fetch_many(host: str, *, count: int, port: int = 80, concurrency: int = 16,

@@ -21,6 +21,7 @@ from caplance.control.health import Tracker, run_health_checks
 from caplance.control.plane import ControlPlane
 from caplance.control.rebuild import InlineBuilder, ProcessBuilder, TableBuilder
 from caplance.control.membership import Member, State
+from caplance.httpio import request
 from caplance.testing import MemoryListener, RecordingTransport
 
 VIP = ipaddress.ip_address("10.99.0.1")
@@ -283,15 +284,16 @@ async def test_metrics_endpoint_serves_the_counters(tmp_path: Path) -> None:
             async def get(path: str) -> str:
                 stream = await trio.open_tcp_stream("127.0.0.1", port)
                 async with stream:
-                    await stream.send_all(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-                    reply = b""
-                    while chunk := await stream.receive_some(4096):
-                        reply += chunk
-                return reply.decode()
+                    reply = await request(stream, "GET", path, host="127.0.0.1")
+                return f"{reply.status}\n{reply.body.decode()}"
 
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                reply = await request(stream, "GET", "/metrics", host="127.0.0.1")
+            assert reply.status == 200
+            assert reply.header(b"content-type") == b"text/plain; version=0.0.4; charset=utf-8"
             text = await get("/metrics")
-            assert text.startswith("HTTP/1.0 200")
-            assert "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n" in text
+            assert text.startswith("200\n")
             assert "caplance_packets_in_total 11" in text
             assert 'caplance_forwarded_packets_total{backend="a"} 10' in text
             assert 'caplance_dropped_packets_total{reason="malformed_bad_version"} 1' in text
@@ -303,5 +305,5 @@ async def test_metrics_endpoint_serves_the_counters(tmp_path: Path) -> None:
             assert 'caplance_backend_state{backend="a",state="paused"} 1' in paused
             assert 'caplance_backend_state{backend="a",state="active"} 0' in paused
             assert "caplance_conntrack_flows 10" in text
-            assert (await get("/other")).startswith("HTTP/1.0 404")
+            assert (await get("/other")).startswith("404\n")
             balancer.stop()
