@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 DEBIAN_PACKAGES := iproute2 nftables iptables ethtool procps kmod gcc python3-dev python3-venv \
-	libnetfilter-queue-dev clang libbpf-dev libbpf1 bird2 iperf3
+	libnetfilter-queue-dev clang libbpf-dev libbpf1 bpftool bird2 iperf3
 BPF_DIR := caplance/dataplane/bpf
 BPF_OBJECTS := $(BPF_DIR)/balancer.bpf.o $(BPF_DIR)/decap.bpf.o caplance/lab/xdp_pass.bpf.o
 BPF_CFLAGS = -O2 -g -Wall -target bpf -I/usr/include/$$(gcc -dumpmachine)
@@ -43,7 +43,7 @@ debian-packages:
 	    || ! command -v ethtool >/dev/null || ! command -v gcc >/dev/null \
 	    || ! test -e /usr/include/libnetfilter_queue/libnetfilter_queue.h \
 	    || ! command -v clang >/dev/null || ! test -e /usr/include/bpf/bpf_helpers.h \
-	    || ! command -v bird >/dev/null || ! command -v iperf3 >/dev/null \
+	    || ! command -v bird >/dev/null || ! command -v iperf3 >/dev/null || ! command -v bpftool >/dev/null \
 	    || ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then \
 	  echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES); \

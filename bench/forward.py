@@ -36,6 +36,10 @@ read with ``bpftool``, in an extra one-second run: timing every run slows it) --
 of each row to kernel routing.
 Absolute numbers mean little on a shared 2-core machine; the ratio is measured in one run.
 
+With ``--record FILE`` (``docs/figures.toml``) it writes what the docs quote from it: per row
+its ratio to kernel routing and CPU per packet (median and the rounds' range), the upload
+ratios, the workers' ratios -- and with ``--conntrack`` only the flow table's own figures.
+
 Set-up follows what it takes for the kernel row not to be limited by the generator here:
 TSO off and GRO on on the veths, threaded NAPI, and a C generator rather than Python.
 """
@@ -60,6 +64,9 @@ from typing import Any
 
 from caplance.lab import Lab
 from caplance.lab.netns import VIP4
+
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: the standard library's selectors wins
+from record import record  # bench/record.py
 
 HERE = Path(__file__).resolve().parent
 PORT = 9000
@@ -197,11 +204,16 @@ def main() -> int:
     parser.add_argument("--workers", default="", help="comma-separated worker counts to measure (say 1,2)")
     parser.add_argument("--planes", default="python,tc", help="data planes to measure: python, tc, xdp")
     parser.add_argument("--upload", action="store_true", help="also one TCP upload through the VIP (iperf3)")
+    parser.add_argument("--record", metavar="FILE", help="write the figures into FILE (docs/figures.toml)")
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(",") if n]
     planes = [plane for plane in args.planes.split(",") if plane]
     if os.geteuid() != 0 or not shutil.which("gcc"):
         print("bench/forward.py needs root and gcc", file=sys.stderr)
+        return 2
+    if not counts and {"tc", "xdp"} & set(planes) and not shutil.which("bpftool"):
+        print("bench/forward.py: the tc and xdp rows read the programs' run time with bpftool "
+              "(apt-get install bpftool)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp, Lab(backends=3) as lab:
         generator = build_generator(Path(tmp))
@@ -235,17 +247,26 @@ def main() -> int:
         print(f"{name:10} {offered:12.0f} {delivered:14.0f} {cpu * 1e6 if cpu == cpu else 0:11.2f}")
     if args.conntrack and "caplance" not in median:
         median["caplance"] = median[f"workers={counts[0]}" if counts else planes[0]]
+    figures: dict[str, float] = {}
     for name in names[1:]:
         print(f"ratio {name}/kernel (delivered): {median[name][1] / median['kernel'][1]:.3f}")
+        key = name.replace("=", "_")
+        figures[f"{key}_delivered"] = median[name][1] / median["kernel"][1]
+        figures[f"{key}_cpu_us"] = median[name][2] * 1e6
+        cpus = [r[name][2] * 1e6 for r in rounds]
+        figures[f"{key}_cpu_us_min"], figures[f"{key}_cpu_us_max"] = min(cpus), max(cpus)
+        figures[f"{key}_per_core_kpps"] = 1e-3 / median[name][2]  # thousands one core could do, at most
         last = rounds[-1][name][3]
         print(f"{name} drops (last round): {last.get('dropped', {})}; passed up: "
               f"{(last.get('fastpath') or {}).get('passed_up', {})}")
     if args.upload:
-        upload(args)
+        figures.update(upload(args))
     if len(counts) > 1:
         first = f"workers={counts[0]}"
         for count in counts[1:]:
-            print(f"ratio workers={count}/{first} (delivered): {median[f'workers={count}'][1] / median[first][1]:.3f}")
+            ratio = median[f"workers={count}"][1] / median[first][1]
+            print(f"ratio workers={count}/{first} (delivered): {ratio:.3f}")
+            figures[f"workers_{count}_over_{counts[0]}"] = ratio
     if args.conntrack:
         ratio = median["conntrack"][1] / median["caplance"][1]
         cpu_ratio = median["conntrack"][2] / median["caplance"][2]
@@ -254,7 +275,13 @@ def main() -> int:
         print(f"ratio conntrack/off (CPU per packet): {cpu_ratio:.3f}   bound <= 1/0.85 = 1.176   "
               f"{'PASS' if cpu_ratio <= 1 / 0.85 else 'FAIL'}")
         print(f"flow table (last round): {rounds[-1]['conntrack'][3].get('conntrack')}")
-        print(f"flow table memory: {flow_table_bytes_per_entry():.0f} bytes per flow")
+        per_flow = flow_table_bytes_per_entry()
+        print(f"flow table memory: {per_flow:.0f} bytes per flow")
+        # the rows of this run are the flow table's reference: only its own figures are recorded,
+        # so the planes' figures stay those of one run without the table
+        figures = {"conntrack_over_off": ratio, "conntrack_cpu_over_off": cpu_ratio, "flow_bytes": per_flow}
+    if args.record:
+        record(args.record, "forward", figures)
     return 0
 
 
@@ -269,12 +296,12 @@ def iperf(lab: Lab, seconds: float) -> float:
         return float("nan")
 
 
-def upload(args: argparse.Namespace) -> None:
+def upload(args: argparse.Namespace) -> dict[str, float]:
     """Upload rows: kernel routing, then Caplance per plane, one TCP stream each, in one lab
-    with the client's offloads on."""
+    with the client's offloads on. The figures: Gbit/s of kernel routing, ratios of the planes."""
     if not shutil.which("iperf3"):
         print("upload: needs iperf3 (apt-get install iperf3)", file=sys.stderr)
-        return
+        return {}
     results: dict[str, list[float]] = {}
     with Lab(backends=1) as lab:  # one backend: iperf3's control and data connections must meet
         servers = []
@@ -296,10 +323,14 @@ def upload(args: argparse.Namespace) -> None:
                 results.setdefault(plane, []).append(upload_through(lab, plane))
     print("upload, one TCP stream (Gbit/s, median):")
     kernel = statistics.median(results["kernel"])
+    figures = {"kernel_upload_gbits": kernel}
     for name, values in results.items():
         value = statistics.median(values)
         print(f"  {name:8} {value:8.2f}" + ("" if name == "kernel" else f"   ratio {name}/kernel (upload): "
                                                                      f"{value / kernel:.3f}"))
+        if name != "kernel":
+            figures[f"{name}_upload"] = value / kernel
+    return figures
 
 
 def upload_through(lab: Lab, plane: str) -> float:

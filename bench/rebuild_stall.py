@@ -43,6 +43,9 @@ from caplance.control.rebuild import Choice, InlineBuilder, ProcessBuilder, Tabl
 from caplance.lab.signals import sigterm_as_interrupt
 from caplance.testing import MemoryListener, RecordingTransport
 
+sys.path.append(__file__.rsplit("/", 1)[0])  # last: the standard library's selectors wins
+from record import record  # bench/record.py
+
 VIP = ipaddress.ip_address("10.99.0.1")
 BATCH = 64
 
@@ -116,7 +119,7 @@ async def measure(builder: TableBuilder, backends: int, table_size: int) -> tupl
         return longest * 1e3, (during / elapsed) / statistics.median(quiet)
 
 
-async def main_async(args: argparse.Namespace) -> None:
+async def main_async(args: argparse.Namespace) -> dict[str, float]:
     ways = {"thread": ThreadBuilder, "inline": InlineBuilder, "process": ProcessBuilder}
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
     for _ in range(args.rounds):  # interleaved rounds
@@ -130,6 +133,13 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"{name:8} {gap:15.1f} {share:20.3f}")
     print(f"ratio process/thread (longest gap): {medians['process'][0] / medians['thread'][0]:.3f}")
     print(f"ratio process/thread (rate during the build): {medians['process'][1] / medians['thread'][1]:.3f}")
+    figures: dict[str, float] = {}
+    for name, rows in results.items():
+        gaps, shares = [row[0] for row in rows], [row[1] for row in rows]
+        figures.update({f"{name}_gap_ms": medians[name][0], f"{name}_gap_ms_min": min(gaps),
+                        f"{name}_gap_ms_max": max(gaps), f"{name}_rate": medians[name][1],
+                        f"{name}_rate_min": min(shares), f"{name}_rate_max": max(shares)})
+    return figures
 
 
 def main() -> int:
@@ -137,8 +147,12 @@ def main() -> int:
     parser.add_argument("--backends", type=int, default=1000)
     parser.add_argument("--table-size", type=int, default=100003)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--record", metavar="FILE", help="write the figures into FILE (docs/figures.toml)")
+    args = parser.parse_args()
     with sigterm_as_interrupt():  # SIGTERM stops it as Ctrl-C does: temporary folders and the build process go
-        trio.run(main_async, parser.parse_args())
+        figures = trio.run(main_async, args)
+    if args.record:
+        record(args.record, "rebuild", figures)
     return 0
 
 

@@ -48,6 +48,9 @@ from caplance.interfaces import Selector
 from caplance.strategies import maglev, sorted_backends
 from caplance.testing import flow_keys
 
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: the standard library's selectors wins
+from record import record  # bench/record.py
+
 SELECTORS = ("maglev", "ring", "rendezvous")
 BALANCE_BOUND = {"maglev": 1.05, "ring": 1.25, "rendezvous": 1.05}
 MOVED_BOUND = {"maglev": 0.015, "ring": 0.0, "rendezvous": 0.0}
@@ -58,6 +61,8 @@ SKEWED_BUILD_BOUND = 1.0
 REPEATS = 3
 
 results: list[bool] = []
+#: figures by name, for --record (bench/record.py)
+measured: dict[str, float] = {}
 
 
 def report(figure: str, value: str, bound: str, ok: bool) -> None:
@@ -94,6 +99,7 @@ def figures(name: str, count: int, keys: Sequence[bytes], timing_keys: Sequence[
     built = time.perf_counter() - start
     per_backend = counts(selector, keys)
     balance = max(per_backend.values()) / (len(keys) / count)
+    measured[f"{name}_balance"] = balance
     report(f"balance, max/mean ({count} backends)", f"{balance:.4f}",
            f"<= {BALANCE_BOUND[name]:.2f}", balance <= BALANCE_BOUND[name])
 
@@ -104,6 +110,7 @@ def figures(name: str, count: int, keys: Sequence[bytes], timing_keys: Sequence[
     surviving = [(old, new) for old, new in zip(before_choice, after_choice, strict=True)
                  if old != gone]
     moved = sum(old != new for old, new in surviving) / len(surviving)
+    measured[f"{name}_moved_percent"] = moved * 100
     bound = MOVED_BOUND[name]
     report(f"moved between survivors (remove {gone})", f"{moved:.4%}",
            "== 0" if bound == 0 else f"< {bound:.1%}", moved == 0 if bound == 0 else moved < bound)
@@ -113,6 +120,7 @@ def figures(name: str, count: int, keys: Sequence[bytes], timing_keys: Sequence[
     heavy = [weighted[n] for n, w in weights.items() if w == 2]
     light = [weighted[n] for n, w in weights.items() if w == 1]
     ratio = (sum(heavy) / len(heavy)) / (sum(light) / len(light))
+    measured[f"{name}_weight_ratio"] = ratio
     report("weight 2 / weight 1 share (mean per backend)", f"{ratio:.4f}",
            f"2 +- {WEIGHT_TOLERANCE:.0%}", abs(ratio / 2 - 1) <= WEIGHT_TOLERANCE)
     each = [c / 2 for c in heavy] + light
@@ -121,6 +129,9 @@ def figures(name: str, count: int, keys: Sequence[bytes], timing_keys: Sequence[
 
     own = best_time(lambda: deque(map(selector.select, timing_keys), maxlen=0))
     speedup = uhashring_select / own
+    measured[f"{name}_select_ns"] = own / len(timing_keys) * 1e9
+    measured[f"{name}_select_speedup"] = speedup
+    measured[f"{name}_build_ms"] = built * 1e3
     report(f"select speed-up vs uhashring ({own / len(timing_keys) * 1e9:.0f} ns)",
            f"{speedup:.1f}x", f">= {SELECT_SPEEDUP:.0f}x", speedup >= SELECT_SPEEDUP)
     print(f"  {'  (build, ' + str(count) + ' backends)':<44} {built * 1e3:>10.0f} ms")
@@ -132,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backends", type=int, default=100, help="equal backends (100)")
     parser.add_argument("--timing-keys", type=int, default=200_000,
                         help="keys per select timing run (200,000)")
+    parser.add_argument("--record", metavar="FILE", help="write the figures into FILE (docs/figures.toml)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -158,16 +170,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         own = min(own, best_time(lambda: table(items, 65537), 1))
         uhashring = min(uhashring, best_time(lambda: HashRing(nodes=thousand), 1))
     share = own / uhashring
+    measured["maglev_1000_fill_share"] = share
+    measured["uhashring_select_ns"] = uhashring_select / len(timing_keys) * 1e9
     report(f"maglev 1000 @65537 / uhashring 1000 ({own * 1e3:.0f} ms)", f"{share:.3f}",
            f"<= {BUILD_SHARE:.2f}", share <= BUILD_SHARE)
     legal = best_time(lambda: maglev.Maglev.build(dict.fromkeys(thousand, 1), table_size=100003), 1)
     print(f"  {'  (Maglev.build 1000 @100003, the legal size)':<44} {legal * 1e3:>10.0f} ms")
+    measured["maglev_1000_build_ms"] = legal * 1e3
     # Any allowed weights: one backend of the largest weight among 999 of weight 1 (the worst
     # case for weighted turns and for a ring's points), at each selector's default size.
     skewed = {**dict.fromkeys(thousand, 1), thousand[0]: MAX_WEIGHT}
     for name in SELECTORS:
         options = {"table_size": 100003} if name == "maglev" else {}
         took = best_time(lambda: plugins.build_selector(name, skewed, options), 1)
+        measured[f"{name}_skewed_build_s"] = took
         report(f"build {name}, 1000 backends, weights 1 and {MAX_WEIGHT} ({took * 1e3:.0f} ms)",
                f"{took:.3f} s", f"< {SKEWED_BUILD_BOUND:.1f} s", took < SKEWED_BUILD_BOUND)
     # The tables' own balance: rows (slots) per backend, no key sampling in it.
@@ -175,9 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = build(name, dict.fromkeys(names, 1))
         rows = Counter(getattr(table, "_table"))
         share = max(rows.values()) / (sum(rows.values()) / len(rows))
+        measured[f"{name}_rows_balance"] = share
         print(f"  {'  (' + name + ' table rows per backend, max/mean, ' + str(len(names)) + ')':<44} {share:>12.4f}")
 
     print(f"{sum(results)}/{len(results)} PASS in {time.perf_counter() - start:.0f} s")
+    if args.record:
+        record(args.record, "selectors", measured, argv=None if argv is None else [sys.argv[0], *argv])
     return 0 if all(results) else 1
 
 

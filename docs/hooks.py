@@ -12,7 +12,12 @@ A page asks for a generated block with an HTML comment on a line of its own:
 * ``<!-- generated: cli -->`` -- the help of every ``caplance`` command, from
   :func:`caplance.cli.build_parser`.
 
-An unknown marker fails the build. The hooks also put Mermaid's browser build, installed by
+Figures come from ``docs/figures.toml``, which the bench scripts write (``--record``): in a
+page, ``[[figure forward.tc_delivered .2f]]`` is that figure's value (formatted with the
+optional format spec) and ``[[measured forward.tc_delivered]]`` when, where and by which
+command it was measured. So a figure is quoted the same way on every page.
+
+An unknown marker or figure fails the build. The hooks also put Mermaid's browser build, installed by
 ``make setup`` from the npm registry into ``build/npm``, into the site (``MERMAID_SCRIPT``),
 so diagrams render with no network. ``tests/unit/test_docs.py`` imports this module too.
 """
@@ -24,6 +29,7 @@ import ipaddress
 import json
 import os
 import re
+import tomllib
 import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -299,15 +305,46 @@ def generate(kind: str, argument: str | None) -> str:
     raise ValueError(f"unknown generated block: {kind} {argument or ''}".rstrip())
 
 
-def expand(markdown: str) -> str:
+def expand(markdown: str, figures: Mapping[str, Any] | None = None) -> str:
     """Replace every marker in ``markdown`` with its generated block, indented like the
-    marker (so a block can sit inside an admonition)."""
+    marker (so a block can sit inside an admonition), and every figure reference with its
+    figure from ``figures`` (default: :data:`FIGURES`)."""
     def replace(match: re.Match[str]) -> str:
         indent = match.group(1)
         block = generate(match.group(2), match.group(3))
         return "\n".join(indent + line if line else line for line in block.splitlines())
 
-    return MARKER.sub(replace, markdown)
+    return quote_figures(MARKER.sub(replace, markdown), load_figures() if figures is None else figures)
+
+
+# -- figures from the bench output ---------------------------------------------------------
+
+#: What the bench scripts measured (``--record docs/figures.toml``, see ``bench/record.py``).
+FIGURES = Path(__file__).resolve().parent / "figures.toml"
+#: ``[[figure forward.tc_delivered .2f]]`` (the value, formatted), ``[[measured forward.tc_delivered]]``
+#: (when, where and by which command)
+FIGURE = re.compile(r"\[\[(figure|measured) ([a-z0-9_]+)\.([a-z0-9_]+)(?: ([^\]]+))?\]\]")
+
+
+def load_figures(path: Path = FIGURES) -> dict[str, Any]:
+    return tomllib.loads(path.read_text())
+
+
+def quote_figures(markdown: str, figures: Mapping[str, Any]) -> str:
+    """Every ``[[figure ...]]`` and ``[[measured ...]]`` in ``markdown`` replaced; an unknown
+    figure or a bad format is a :class:`ValueError` (the build fails)."""
+    def replace(match: re.Match[str]) -> str:
+        what, section, name, spec = match.groups()
+        figure = figures.get(section, {}).get(name)
+        if figure is None:
+            raise ValueError(f"unknown figure {section}.{name}: not in {FIGURES.name} "
+                             "(run the bench script with --record)")
+        if what == "measured":
+            return f"{figure['measured']}: `{figure['command']}`"
+        value = figure["value"]
+        return format(value, spec) if spec else f"{value:g}"
+
+    return FIGURE.sub(replace, markdown)
 
 
 # -- the MkDocs hook -----------------------------------------------------------------------

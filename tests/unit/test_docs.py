@@ -219,6 +219,63 @@ def test_an_unknown_marker_fails_the_build() -> None:
         hooks.expand("<!-- generated: config router -->")
 
 
+# -- figures come from the bench output ---------------------------------------------------
+
+FIGURES = {"forward": {"tc_delivered": {"value": 0.9876, "command": "python bench/forward.py --record f",
+                                        "measured": "2026-12-02, 2 CPUs"}}}
+
+
+def test_a_figure_is_quoted_from_the_bench_output() -> None:
+    quoted = hooks.quote_figures("tc: [[figure forward.tc_delivered .2f]]x, raw [[figure forward.tc_delivered]]; "
+                                 "[[measured forward.tc_delivered]]", FIGURES)
+    assert quoted == "tc: 0.99x, raw 0.9876; 2026-12-02, 2 CPUs: `python bench/forward.py --record f`"
+
+
+@pytest.mark.parametrize("text", ["[[figure forward.xdp_delivered]]", "[[figure selectors.tc_delivered]]",
+                                  "[[measured forward.nothing]]"])
+def test_an_unknown_figure_fails_the_build(text: str) -> None:
+    with pytest.raises(ValueError, match=r"unknown figure .*run the bench script with --record"):
+        hooks.quote_figures(text, FIGURES)
+
+
+def quoted_figures() -> dict[str, set[str]]:
+    """Every figure the pages quote, by section."""
+    quoted: dict[str, set[str]] = {}
+    for page in DOCS.rglob("*.md"):
+        for _, section, name, _ in hooks.FIGURE.findall(page.read_text()):
+            quoted.setdefault(section, set()).add(name)
+    return quoted
+
+
+def test_every_quoted_figure_is_in_the_bench_output() -> None:
+    recorded = hooks.load_figures()
+    quoted = quoted_figures()
+    assert set(quoted) >= {"forward", "selectors", "rebuild", "http"}  # the pages do quote them
+    for section, names in quoted.items():
+        missing = names - set(recorded.get(section, {}))
+        assert not missing, f"{section}: {sorted(missing)} not in docs/figures.toml"
+        for name in names:
+            figure = recorded[section][name]
+            assert isinstance(figure["value"], int | float)
+            assert figure["command"].startswith(f"python bench/") and "--record" in figure["command"]
+
+
+_BARE_FIGURE = re.compile(r"\b\d+\.\d+ ?(?:x|ms|µs|%)(?![\w-])")
+
+
+def test_no_page_quotes_a_bench_figure_by_hand() -> None:
+    """A number in the form the bench figures take (0.49x, 6.6 µs, 134 ms...) written into a
+    page by hand would not follow a new measurement: the pages quote them as ``[[figure ...]]``.
+    The exceptions are figures no bench script measures, each named here."""
+    not_from_bench = {"0.41x", "0.89x", "0.31x",  # HAProxy, kernel, Python: a review's wrk run (index)
+                      "4.9 µs"}  # a bare trio checkpoint, timed by hand (components/balancer)
+    for page in DOCS.rglob("*.md"):
+        text = hooks.FIGURE.sub("", page.read_text())
+        text = re.sub(r"```.*?```", "", text, flags=re.DOTALL)  # examples: config, output
+        bare = [m for m in _BARE_FIGURE.findall(text) if m not in not_from_bench]
+        assert not bare, f"{page.relative_to(DOCS)} quotes {bare} by hand: record it and use [[figure ...]]"
+
+
 def test_markers_inside_admonitions_keep_their_indentation() -> None:
     expanded = hooks.expand("??? note\n\n    <!-- generated: env agent -->\n")
     assert "\n    | variable | key | value |\n" in expanded
