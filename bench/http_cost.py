@@ -20,6 +20,7 @@ import sys
 sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0])]
 
 import argparse
+import os
 import statistics
 import time
 
@@ -27,7 +28,7 @@ import trio
 
 from caplance.httpio import Request, Response, request, serve_connection
 
-sys.path.append(__file__.rsplit("/", 1)[0])  # last: the standard library's selectors wins
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: the standard library's selectors wins
 from record import record  # bench/record.py
 
 _REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: caplance\r\nConnection: close\r\n\r\n"

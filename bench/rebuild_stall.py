@@ -28,6 +28,7 @@ sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0])]
 import argparse
 import gc
 import ipaddress
+import os
 import statistics
 import struct
 import tempfile
@@ -43,7 +44,7 @@ from caplance.control.rebuild import Choice, InlineBuilder, ProcessBuilder, Tabl
 from caplance.lab.signals import sigterm_as_interrupt
 from caplance.testing import MemoryListener, RecordingTransport
 
-sys.path.append(__file__.rsplit("/", 1)[0])  # last: the standard library's selectors wins
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: the standard library's selectors wins
 from record import record  # bench/record.py
 
 VIP = ipaddress.ip_address("10.99.0.1")

@@ -23,6 +23,7 @@ import tomli_w
 
 __all__ = ["machine", "record"]
 
+ROOT = Path(__file__).resolve().parents[1]
 HEADER = ("# The figures the docs quote. Written by the bench scripts (--record docs/figures.toml),\n"
           "# not by hand: each figure keeps the command that measured it. See bench/record.py.\n\n")
 
@@ -40,10 +41,21 @@ def record(path: str | Path, section: str, values: Mapping[str, float], *,
     path = Path(path)
     figures = tomllib.loads(path.read_text()) if path.exists() else {}
     table = figures.setdefault(section, {})
-    command = shlex.join(["python", *(sys.argv if argv is None else argv)])
+    script, *options = sys.argv if argv is None else argv
+    command = shlex.join(["python", _from_root(script), *options])
     measured = f"{(today or datetime.date.today()).isoformat()}, {machine()}"
     for name, value in values.items():
         if math.isnan(value):  # not measured (a tool was missing)
             continue
         table[name] = {"value": round(float(value), 4), "command": command, "measured": measured}
-    path.write_text(HEADER + tomli_w.dumps(figures))
+    partial = path.with_name(path.name + ".partial")  # a run stopped half-way leaves the file whole
+    partial.write_text(HEADER + tomli_w.dumps(figures))
+    os.replace(partial, path)
+
+
+def _from_root(script: str) -> str:
+    """``script`` as run from the repository's root (``bench/forward.py``), wherever it was run from."""
+    try:
+        return str(Path(script).resolve().relative_to(ROOT))
+    except ValueError:
+        return script

@@ -12,13 +12,14 @@ __all__ = ["probe_service"]
 
 async def probe_service(host: str, port: int, *, http_path: str | None) -> bool:
     """TCP connect to ``host:port`` (and GET ``http_path`` if given, wanting a 2xx status:
-    only the reply's head is read). True if it passed. No timeout of its own: callers bound it."""
+    only the reply's head is read, and it must be well-formed HTTP). True if it passed. No timeout of its own: callers bound it."""
     try:
         stream = await trio.open_tcp_stream(host, port)
         async with stream:
             if http_path is None:
                 return True
-            reply = await request(stream, "GET", http_path, host=host, read_body=False)
+            reply = await request(stream, "GET", http_path, host=host, port=None if port == 80 else port,
+                                  read_body=False)
     except (OSError, trio.BrokenResourceError, HttpError):
         return False
     return 200 <= reply.status < 300

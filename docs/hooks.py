@@ -327,7 +327,13 @@ FIGURE = re.compile(r"\[\[(figure|measured) ([a-z0-9_]+)\.([a-z0-9_]+)(?: ([^\]]
 
 
 def load_figures(path: Path = FIGURES) -> dict[str, Any]:
+    """The recorded figures: section -> name -> {value, command, measured}."""
     return tomllib.loads(path.read_text())
+
+
+def quoted_figures(markdown: str) -> set[tuple[str, str]]:
+    """The (section, name) of every figure ``markdown`` quotes."""
+    return {(section, name) for _, section, name, _ in FIGURE.findall(markdown)}
 
 
 def quote_figures(markdown: str, figures: Mapping[str, Any]) -> str:

@@ -2,8 +2,8 @@
 
 :func:`render` (pure) turns a status snapshot into the text exposition format, through
 prometheus-client (:class:`StatusCollector` yields the families; the library writes the text);
-:func:`serve_metrics` answers HTTP GETs with it (through h11, keep-alive as scrapers use it;
-each request bounded by a timeout).
+:func:`serve_metrics` answers HTTP GETs with it (through :mod:`caplance.httpio`: each request
+bounded by a timeout, renders one at a time).
 """
 
 from __future__ import annotations
@@ -147,20 +147,22 @@ async def serve_metrics(source: StatusSource, endpoint: Endpoint, *,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``GET /metrics`` on ``endpoint`` until cancelled."""
     listeners = await open_listeners(endpoint, "metrics")
+    renders = trio.CapacityLimiter(1)  # one render at a time, however many requests come in
     task_status.started()
-    await trio.serve_listeners(functools.partial(_answer, source), listeners)
+    await trio.serve_listeners(functools.partial(_answer, source, renders), listeners)
 
 
-async def _answer(source: StatusSource, stream: trio.SocketStream) -> None:
-    await serve_connection(stream, functools.partial(_respond, source), timeout=_TIMEOUT)
+async def _answer(source: StatusSource, renders: trio.CapacityLimiter, stream: trio.SocketStream) -> None:
+    await serve_connection(stream, functools.partial(_respond, source, renders), timeout=_TIMEOUT)
 
 
-async def _respond(source: StatusSource, asked: Request) -> Response:
+async def _respond(source: StatusSource, renders: trio.CapacityLimiter, asked: Request) -> Response:
     if asked.path != b"/metrics":
         return Response(404, b"not found\n")
     if asked.method not in (b"GET", b"HEAD"):
         return Response(405, b"only GET\n", headers=((b"Allow", b"GET, HEAD"),))
     # The snapshot on the loop, the text in a thread: rendering 1000 backends takes ~50 ms,
     # which must not hold up an in-process data plane in one piece.
-    body = (await trio.to_thread.run_sync(render, source.status())).encode()
+    # Pipelined or parallel scrapes take turns (``renders``): one thread renders, never many.
+    body = (await trio.to_thread.run_sync(render, source.status(), limiter=renders)).encode()
     return Response(200, body, content_type=_CONTENT_TYPE)

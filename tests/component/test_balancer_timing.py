@@ -21,7 +21,7 @@ from caplance.control.health import Tracker, run_health_checks
 from caplance.control.plane import ControlPlane
 from caplance.control.rebuild import InlineBuilder, ProcessBuilder, TableBuilder
 from caplance.control.membership import Member, State
-from caplance.httpio import request
+from caplance.httpio import Reply, request
 from caplance.testing import MemoryListener, RecordingTransport
 
 VIP = ipaddress.ip_address("10.99.0.1")
@@ -281,19 +281,19 @@ async def test_metrics_endpoint_serves_the_counters(tmp_path: Path) -> None:
             listener.source.push(b"\xf0junk")
             await trio.testing.wait_all_tasks_blocked()
 
-            async def get(path: str) -> str:
+            async def ask(method: str, path: str) -> Reply:
                 stream = await trio.open_tcp_stream("127.0.0.1", port)
                 async with stream:
-                    reply = await request(stream, "GET", path, host="127.0.0.1")
+                    return await request(stream, method, path, host="127.0.0.1")
+
+            async def get(path: str) -> str:
+                reply = await ask("GET", path)
                 return f"{reply.status}\n{reply.body.decode()}"
 
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-            async with stream:
-                reply = await request(stream, "GET", "/metrics", host="127.0.0.1")
+            reply = await ask("GET", "/metrics")
             assert reply.status == 200
             assert reply.header(b"content-type") == b"text/plain; version=0.0.4; charset=utf-8"
-            text = await get("/metrics")
-            assert text.startswith("200\n")
+            text = reply.body.decode()
             assert "caplance_packets_in_total 11" in text
             assert 'caplance_forwarded_packets_total{backend="a"} 10' in text
             assert 'caplance_dropped_packets_total{reason="malformed_bad_version"} 1' in text
@@ -306,4 +306,8 @@ async def test_metrics_endpoint_serves_the_counters(tmp_path: Path) -> None:
             assert 'caplance_backend_state{backend="a",state="active"} 0' in paused
             assert "caplance_conntrack_flows 10" in text
             assert (await get("/other")).startswith("404\n")
+            head = await ask("HEAD", "/metrics")
+            assert head.status == 200 and head.body == b"" and int(head.header(b"content-length") or 0) > 1000
+            posted = await ask("POST", "/metrics")
+            assert posted.status == 405 and posted.header(b"allow") == b"GET, HEAD"
             balancer.stop()

@@ -4,6 +4,7 @@ a figure no script produces). ``bench/forward.py`` needs root: tests/integration
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import tomllib
@@ -11,9 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_docs import quoted_figures
-
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def quoted_figures() -> dict[str, set[str]]:
+    """Every figure the docs pages quote, by section (through the docs hooks)."""
+    spec = importlib.util.spec_from_file_location("caplance_docs_hooks", ROOT / "docs" / "hooks.py")
+    assert spec is not None and spec.loader is not None
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    quoted: dict[str, set[str]] = {}
+    for page in (ROOT / "docs").rglob("*.md"):
+        for section, name in hooks.quoted_figures(page.read_text()):
+            quoted.setdefault(section, set()).add(name)
+    return quoted
 
 
 def run_recording(tmp_path: Path, script: str, *options: str) -> dict[str, dict[str, object]]:
@@ -21,7 +33,9 @@ def run_recording(tmp_path: Path, script: str, *options: str) -> dict[str, dict[
     out = tmp_path / "figures.toml"
     done = subprocess.run([sys.executable, f"bench/{script}", *options, "--record", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode in (0, 1), done.stderr[-3000:]  # 1: a selectors bound failed at this small size
+    # selectors.py exits 1 when a bound fails, which the keys' noise makes likely at this size
+    ok = (0, 1) if script == "selectors.py" and "Traceback" not in done.stderr else (0,)
+    assert done.returncode in ok, done.stderr[-3000:]
     return tomllib.loads(out.read_text())
 
 
@@ -32,6 +46,8 @@ def run_recording(tmp_path: Path, script: str, *options: str) -> dict[str, dict[
 ])
 def test_a_bench_script_records_what_the_docs_quote(tmp_path: Path, script: str, section: str,
                                                     options: tuple[str, ...]) -> None:
+    if script == "selectors.py":
+        pytest.importorskip("uhashring", reason="bench/selectors.py's baseline is in the bench extra")
     recorded = run_recording(tmp_path, script, *options)
     assert set(recorded) == {section}
     missing = quoted_figures()[section] - set(recorded[section])
@@ -49,4 +65,4 @@ def test_recording_again_replaces_only_what_was_measured(tmp_path: Path) -> None
                    'measured = "earlier"\n\n[http.ratio]\nvalue = 9.0\ncommand = "old"\nmeasured = "earlier"\n')
     recorded = run_recording(tmp_path, "http_cost.py", "--requests", "50", "--rounds", "1")
     assert recorded["forward"]["tc_delivered"]["value"] == 1.0  # another script's: kept
-    assert recorded["http"]["ratio"]["measured"] != "earlier" and 0 < recorded["http"]["ratio"]["value"] < 5
+    assert recorded["http"]["ratio"]["measured"] != "earlier" and recorded["http"]["ratio"]["command"] != "old"

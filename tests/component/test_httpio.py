@@ -10,8 +10,19 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
-from caplance.httpio import MAX_HEAD, HttpError, Reply, Request, Response, request, serve_connection
+from caplance.httpio import (
+    MAX_HEAD,
+    MAX_REPLY_HEAD,
+    MAX_REQUESTS,
+    HttpError,
+    Reply,
+    Request,
+    Response,
+    request,
+    serve_connection,
+)
 
 Handle = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -70,7 +81,7 @@ async def test_client_follows_the_framing(serve: Callable[[Handle], Awaitable[in
     (b"nonsense\r\n\r\n", {}, "illegal status line"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten..", {}, "without sending complete message body"),  # closed mid-body
     (b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world", {"max_body": 10}, "longer than 10"),
-    (b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * (2 * MAX_HEAD), {}, "bad reply: Receive buffer too long"),  # a head that never ends
+    (b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * MAX_REPLY_HEAD + b"\r\n\r\n", {}, "bad reply: Receive buffer too long"),
     (b"", {}, "closed before the reply's head ended"),  # closed before any reply
 ])
 async def test_client_raises_http_error_for_bad_replies(serve: Callable[[Handle], Awaitable[int]], raw: bytes,
@@ -126,6 +137,8 @@ async def echo_server(serve: Callable[[Handle], Awaitable[int]]) -> tuple[int, l
         seen.append(asked)
         if asked.target == b"/boom":
             raise RuntimeError("the handler broke")
+        if asked.target == b"/nocontent":
+            return Response(204, b"a body HTTP does not allow on a 204")
         return Response(200, asked.target, headers=((b"X-Method", asked.method),))
 
     port = await serve(functools.partial(serve_connection, handle=handle, timeout=0.5, max_body=10))
@@ -157,6 +170,8 @@ async def test_server_answers_head_without_the_body(echo_server: tuple[int, list
     (b"garbage\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host
     (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"x" * (2 * MAX_HEAD), 431),  # a head that never ends
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"x" * MAX_HEAD + b"\r\n\r\n", 431),  # whole, in one piece
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n", 413),  # refused before the body
     (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello world", 413),  # max_body 10
 ])
 async def test_server_refuses_bad_requests_and_closes(echo_server: tuple[int, list[Request]], sent: bytes,
@@ -172,7 +187,7 @@ async def test_server_answers_a_failing_handler_with_500_and_goes_on(
     port, _ = echo_server
     with caplog.at_level(logging.WARNING, logger="caplance.httpio"):
         assert (await ask(port, "GET", "/boom")).status == 500
-    assert any("handler failed" in r.message and "the handler broke" in r.error for r in caplog.records)  # type: ignore[attr-defined]
+    assert any("handler failed" in r.message and "the handler broke" in str(r.exc_info) for r in caplog.records)
     assert (await ask(port, "GET", "/fine")).body == b"/fine"
 
 
@@ -215,3 +230,66 @@ async def test_many_clients_at_once(serve: Callable[[Handle], Awaitable[int]]) -
             nursery.start_soon(one, number)
     assert replies == {n: f"/{n}".encode() for n in range(50)}
 
+
+
+async def test_server_logs_an_answer_http_does_not_allow(echo_server: tuple[int, list[Request]],
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    port, _ = echo_server
+    with caplog.at_level(logging.WARNING, logger="caplance.httpio"):
+        got = await raw_exchange(port, b"GET /nocontent HTTP/1.1\r\nHost: x\r\n\r\n", until=2)
+    assert got == b""  # nothing half-sent: the connection is closed
+    assert any("does not allow" in r.message for r in caplog.records)
+
+
+async def test_server_says_the_reason_phrase(echo_server: tuple[int, list[Request]]) -> None:
+    port, _ = echo_server
+    assert (await raw_exchange(port, b"GET /x HTTP/1.0\r\n\r\n", until=2)).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def test_server_answers_100_continue(echo_server: tuple[int, list[Request]]) -> None:
+    port, seen = echo_server
+    with trio.fail_after(3):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += await stream.receive_some(4096)
+            assert got.startswith(b"HTTP/1.1 100 ")
+            await stream.send_all(b"hello")
+            while not got.endswith(b"/up"):
+                got += await stream.receive_some(4096)
+    assert seen == [Request(b"POST", b"/up", b"hello")]
+
+
+async def test_server_closes_after_max_requests_on_one_connection(echo_server: tuple[int, list[Request]]) -> None:
+    """Pipelined requests are answered in turn, but one connection gets at most MAX_REQUESTS."""
+    port, seen = echo_server
+    many = b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in range(MAX_REQUESTS + 20))
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(many)
+            got = b""
+            while chunk := await stream.receive_some(65536):  # until the server closes
+                got += chunk
+    assert got.count(b"HTTP/1.1 200 OK") == MAX_REQUESTS == len(seen)
+    assert got.lower().count(b"connection: close") == 1 and got.endswith(b"/%d" % (MAX_REQUESTS - 1))
+
+
+async def test_server_gives_up_on_a_client_that_never_reads() -> None:
+    """The deadline covers sending the answer: a client that asks and never reads (here the
+    answer can only go out as fast as it reads) does not hold the server's task."""
+    client, server = trio.testing.lockstep_stream_pair()
+    answered: list[bytes] = []
+
+    async def handle(asked: Request) -> Response:
+        answered.append(asked.target)
+        return Response(200, b"x" * 100_000)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(3):
+            await serve_connection(server, handle, timeout=0.3)
+        nursery.cancel_scope.cancel()
+    assert answered == [b"/x"]

@@ -8,7 +8,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from tests.unit.test_docs import quoted_figures
+from tests.component.test_bench_record import quoted_figures
 
 ROOT = Path(__file__).resolve().parents[2]
 
