@@ -12,7 +12,8 @@ __all__ = ["probe_service"]
 
 async def probe_service(host: str, port: int, *, http_path: str | None) -> bool:
     """TCP connect to ``host:port`` (and GET ``http_path`` if given, wanting a 2xx status:
-    only the reply's head is read, and it must be well-formed HTTP). True if it passed. No timeout of its own: callers bound it."""
+    only the reply's head is read, and it must be well-formed HTTP). True if it passed. No
+    timeout of its own: callers bound it."""
     try:
         stream = await trio.open_tcp_stream(host, port)
         async with stream:
