@@ -3,7 +3,7 @@
 :func:`render` (pure) turns a status snapshot into the text exposition format, through
 prometheus-client (:class:`StatusCollector` yields the families; the library writes the text);
 :func:`serve_metrics` answers HTTP GETs with it (through :mod:`caplance.httpio`: each request
-bounded by a timeout, renders one at a time).
+bounded by a timeout, renders one at a time, at most :data:`MAX_CONNECTIONS` connections).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from caplance.sockets import open_listeners
 __all__ = ["StatusCollector", "StatusSource", "render", "serve_metrics"]
 
 _TIMEOUT = 5.0
+#: connections served at once; more are closed as they come (each holds a task and a descriptor)
+MAX_CONNECTIONS = 32
 #: the format :func:`generate_latest` writes (``CONTENT_TYPE_LATEST`` is 1.0.0, which needs
 #: name-escaping negotiation we do not do)
 _CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4.encode()
@@ -148,12 +150,22 @@ async def serve_metrics(source: StatusSource, endpoint: Endpoint, *,
     """Serve ``GET /metrics`` on ``endpoint`` until cancelled."""
     listeners = await open_listeners(endpoint, "metrics")
     renders = trio.CapacityLimiter(1)  # one render at a time, however many requests come in
+    connections = trio.CapacityLimiter(MAX_CONNECTIONS)
     task_status.started()
-    await trio.serve_listeners(functools.partial(_answer, source, renders), listeners)
+    await trio.serve_listeners(functools.partial(_answer, source, renders, connections), listeners)
 
 
-async def _answer(source: StatusSource, renders: trio.CapacityLimiter, stream: trio.SocketStream) -> None:
-    await serve_connection(stream, functools.partial(_respond, source, renders), timeout=_TIMEOUT)
+async def _answer(source: StatusSource, renders: trio.CapacityLimiter, connections: trio.CapacityLimiter,
+                  stream: trio.SocketStream) -> None:
+    try:
+        connections.acquire_nowait()
+    except trio.WouldBlock:  # more open connections than any Prometheus needs: close this one
+        await stream.aclose()
+        return
+    try:
+        await serve_connection(stream, functools.partial(_respond, source, renders), timeout=_TIMEOUT)
+    finally:
+        connections.release()
 
 
 async def _respond(source: StatusSource, renders: trio.CapacityLimiter, asked: Request) -> Response:
