@@ -336,6 +336,15 @@ def quoted_figures(markdown: str) -> set[tuple[str, str]]:
     return {(section, name) for _, section, name, _ in FIGURE.findall(markdown)}
 
 
+def figures_quoted_by_pages(docs: Path = FIGURES.parent) -> dict[str, set[str]]:
+    """Every figure the pages under ``docs`` quote: section -> names."""
+    quoted: dict[str, set[str]] = {}
+    for page in docs.rglob("*.md"):
+        for section, name in quoted_figures(page.read_text()):
+            quoted.setdefault(section, set()).add(name)
+    return quoted
+
+
 def quote_figures(markdown: str, figures: Mapping[str, Any]) -> str:
     """Every ``[[figure ...]]`` and ``[[measured ...]]`` in ``markdown`` replaced; an unknown
     figure or a bad format is a :class:`ValueError` (the build fails)."""

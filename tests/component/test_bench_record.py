@@ -21,10 +21,7 @@ def quoted_figures() -> dict[str, set[str]]:
     assert spec is not None and spec.loader is not None
     hooks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hooks)
-    quoted: dict[str, set[str]] = {}
-    for page in (ROOT / "docs").rglob("*.md"):
-        for section, name in hooks.quoted_figures(page.read_text()):
-            quoted.setdefault(section, set()).add(name)
+    quoted: dict[str, set[str]] = hooks.figures_quoted_by_pages()
     return quoted
 
 

@@ -238,18 +238,9 @@ def test_an_unknown_figure_fails_the_build(text: str) -> None:
         hooks.quote_figures(text, FIGURES)
 
 
-def quoted_figures() -> dict[str, set[str]]:
-    """Every figure the pages quote, by section."""
-    quoted: dict[str, set[str]] = {}
-    for page in DOCS.rglob("*.md"):
-        for section, name in hooks.quoted_figures(page.read_text()):
-            quoted.setdefault(section, set()).add(name)
-    return quoted
-
-
 def test_every_quoted_figure_is_in_the_bench_output() -> None:
     recorded = hooks.load_figures()
-    quoted = quoted_figures()
+    quoted = hooks.figures_quoted_by_pages()
     assert set(quoted) >= {"forward", "selectors", "rebuild", "http"}  # the pages do quote them
     for section, names in quoted.items():
         missing = names - set(recorded.get(section, {}))
